@@ -1,0 +1,89 @@
+"""The generative model and the amortised guide, as Pyro functions on tensors.
+
+Both take the same arguments (Pyro's contract), for a minibatch of cells:
+
+``x``
+    ``(cells, genes)`` observations, or ``None`` in the model to generate.
+``library``
+    ``(cells, 1)`` observed total counts.
+``index``
+    ``(cells,)`` positions of these cells in the data set; with ``n_obs`` they scale the
+    minibatch to the whole data set through ``pyro.plate(size=n_obs, subsample=index)``.
+``kl_weight``
+    Weight of the latent sites (KL warm-up); 1 gives the ELBO.
+"""
+
+from __future__ import annotations
+
+import pyro
+import pyro.distributions as dist
+import torch
+from pyro import poutine
+from pyro.nn import PyroModule
+from torch import nn
+
+from .likelihoods import Likelihood
+from .nn import Architecture, Decoder, Encoder
+from .priors import Prior
+
+__all__ = ["Guide", "Model", "VAEModule"]
+
+
+class Model(PyroModule):
+    """``z ~ prior``, ``x_g | z, l ~ Likelihood(decoder(z), theta_g, l)`` for each cell.
+
+    With the default prior and ``likelihood="zinb"``::
+
+        p(z) = N(0, I)
+        p(x | z, l) = prod_g ZINB(x_g; mean = l * rho_g(z), theta_g, pi_g(z))
+    """
+
+    def __init__(self, n_genes: int, likelihood: Likelihood, prior: Prior, arch: Architecture):
+        super().__init__()
+        self.n_latent = arch.n_latent
+        self.likelihood = likelihood
+        self.prior = prior
+        self.decoder = Decoder(arch.n_latent, n_genes, likelihood.heads, arch)
+        self.gene_params = nn.ParameterDict(
+            {name: nn.Parameter(torch.zeros(n_genes)) for name in likelihood.gene_params}
+        )
+
+    def observation(self, z: torch.Tensor, library: torch.Tensor | None) -> dist.Distribution:
+        """``p(x | z, l)``, with batch shape ``(cells, genes)``."""
+        return self.likelihood(self.decoder(z), self.gene_params, library)
+
+    def forward(self, x, library, index, n_obs: int, kl_weight: float = 1.0):
+        with pyro.plate("cells", n_obs, subsample=index):
+            with poutine.scale(scale=kl_weight):
+                z = self.prior(self.n_latent)
+            return pyro.sample("x", self.observation(z, library).to_event(1), obs=x)
+
+
+class Guide(PyroModule):
+    """``q(z | x) = N(mu(x), diag(sigma(x)^2))``, an encoder of ``log1p`` counts."""
+
+    def __init__(self, n_genes: int, likelihood: Likelihood, arch: Architecture):
+        super().__init__()
+        self.likelihood = likelihood
+        self.encoder = Encoder(n_genes, arch.n_latent, arch)
+
+    def posterior(self, x: torch.Tensor) -> dist.Distribution:
+        """``q(z | x)``, with batch shape ``(cells,)``."""
+        loc, scale = self.encoder(self.likelihood.encoder_input(x))
+        return dist.Normal(loc, scale).to_event(1)
+
+    def forward(self, x, library, index, n_obs: int, kl_weight: float = 1.0):
+        with pyro.plate("cells", n_obs, subsample=index):
+            with poutine.scale(scale=kl_weight):
+                return pyro.sample("z", self.posterior(x))
+
+
+class VAEModule(nn.Module):
+    """The model and the guide together: one ``state_dict``, one ``.to(device)``."""
+
+    def __init__(
+        self, n_genes: int, likelihood: Likelihood, prior: Prior, arch: Architecture
+    ):
+        super().__init__()
+        self.model = Model(n_genes, likelihood, prior, arch)
+        self.guide = Guide(n_genes, likelihood, arch)

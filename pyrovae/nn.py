@@ -1,0 +1,86 @@
+"""The networks: plain ``torch.nn`` modules, used by the Pyro model and guide."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Mapping, Sequence
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+__all__ = ["Architecture", "Decoder", "Encoder", "mlp"]
+
+
+@dataclass(frozen=True)
+class Architecture:
+    """Sizes and regularisation of the encoder and decoder networks.
+
+    The defaults are scVI's (one hidden layer of 128 units, a 10-dimensional latent
+    space, dropout 0.1 in the encoder, batch norm), so the two can be compared.
+    """
+
+    n_latent: int = 10
+    n_hidden: tuple[int, ...] = (128,)
+    dropout: float = 0.1
+    batch_norm: bool = True
+
+    def __post_init__(self):
+        hidden = (self.n_hidden,) if isinstance(self.n_hidden, int) else tuple(self.n_hidden)
+        object.__setattr__(self, "n_hidden", hidden)
+        if self.n_latent < 1 or any(h < 1 for h in hidden):
+            raise ValueError(f"layer sizes must be positive, got {self}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout must lie in [0, 1), got {self.dropout}")
+
+
+def mlp(n_in: int, hidden: Sequence[int], *, dropout: float, batch_norm: bool) -> nn.Sequential:
+    """``[Linear -> BatchNorm -> ReLU -> Dropout] * len(hidden)``, scVI's ``FCLayers``."""
+    layers: list[nn.Module] = []
+    for n_out in hidden:
+        layers.append(nn.Linear(n_in, n_out))
+        if batch_norm:
+            layers.append(nn.BatchNorm1d(n_out, momentum=0.01, eps=1e-3))
+        layers.append(nn.ReLU())
+        if dropout > 0:
+            layers.append(nn.Dropout(dropout))
+        n_in = n_out
+    return nn.Sequential(*layers)
+
+
+class Encoder(nn.Module):
+    """``x -> (loc, scale)`` of a diagonal Gaussian over ``n_out`` dimensions."""
+
+    def __init__(self, n_in: int, n_out: int, arch: Architecture):
+        super().__init__()
+        self.body = mlp(n_in, arch.n_hidden, dropout=arch.dropout, batch_norm=arch.batch_norm)
+        n_last = arch.n_hidden[-1] if arch.n_hidden else n_in
+        self.loc = nn.Linear(n_last, n_out)
+        self.scale = nn.Linear(n_last, n_out)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        h = self.body(x)
+        return self.loc(h), F.softplus(self.scale(h)) + 1e-4
+
+
+class Decoder(nn.Module):
+    """``z -> {head: (cells, genes)}``: one shared body, one linear map per head.
+
+    ``heads`` maps each head's name to its activation, ``"softmax"`` (over genes) or
+    ``"identity"``. No dropout in the decoder, as in scVI.
+    """
+
+    def __init__(self, n_in: int, n_genes: int, heads: Mapping[str, str], arch: Architecture):
+        super().__init__()
+        self.activations = dict(heads)
+        self.body = mlp(n_in, arch.n_hidden[::-1], dropout=0.0, batch_norm=arch.batch_norm)
+        n_last = arch.n_hidden[0] if arch.n_hidden else n_in
+        self.heads = nn.ModuleDict({name: nn.Linear(n_last, n_genes) for name in heads})
+
+    def forward(self, z: torch.Tensor) -> dict[str, torch.Tensor]:
+        h = self.body(z)
+        out = {}
+        for name, layer in self.heads.items():
+            value = layer(h)
+            out[name] = value.softmax(-1) if self.activations[name] == "softmax" else value
+        return out

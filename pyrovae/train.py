@@ -1,0 +1,204 @@
+"""One training loop: an ``ELBO()(model, guide)`` loss module and a torch optimiser."""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from dataclasses import dataclass
+from typing import Iterator, Literal
+
+import numpy as np
+import pandas as pd
+import torch
+from pyro.infer import Trace_ELBO, TraceMeanField_ELBO
+from tqdm.auto import tqdm
+
+from .data import CountData
+from .module import VAEModule
+
+__all__ = ["TrainingDivergedError", "TrainingPlan", "default_max_epochs", "resolve_device", "train"]
+
+Device = Literal["auto", "cpu", "cuda"]
+
+
+@dataclass(frozen=True)
+class TrainingPlan:
+    """How to train.
+
+    Attributes
+    ----------
+    max_epochs
+        Passes over the training cells; ``None`` picks scVI's rule,
+        ``min(400, 8e6 / n_cells)``.
+    batch_size
+        Cells per minibatch.
+    lr, weight_decay
+        Adam's learning rate and L2 penalty.
+    kl_warmup_epochs
+        The latent sites' weight rises linearly from 0 to 1 over this many epochs.
+    validation_fraction
+        Share of cells held out to compute the validation ELBO each epoch (0 for none).
+    early_stopping
+        Stop when the validation ELBO has not improved for ``patience`` epochs after the
+        warm-up, and keep the weights of the best epoch.
+    analytic_kl
+        Use the closed-form KL divergence where the prior and posterior have one
+        (``TraceMeanField_ELBO``) instead of its one-sample estimate (``Trace_ELBO``).
+    seed
+        Seeds the split, the minibatches, the Monte Carlo draws and dropout: a CPU run is
+        reproducible bit for bit. The caller's global random state is left as it was.
+    device
+        ``"auto"`` (CUDA when available), ``"cpu"``, ``"cuda"`` or ``"cuda:1"``.
+    progress
+        Show a progress bar.
+    """
+
+    max_epochs: int | None = None
+    batch_size: int = 128
+    lr: float = 1e-3
+    weight_decay: float = 1e-6
+    kl_warmup_epochs: int = 50
+    validation_fraction: float = 0.1
+    early_stopping: bool = True
+    patience: int = 30
+    analytic_kl: bool = True
+    seed: int = 0
+    device: str = "auto"
+    progress: bool = True
+
+    def __post_init__(self):
+        if self.max_epochs is not None and self.max_epochs < 1:
+            raise ValueError(f"max_epochs must be at least 1, got {self.max_epochs}")
+        if self.batch_size < 2:
+            raise ValueError(f"batch_size must be at least 2, got {self.batch_size}")
+        if not 0.0 <= self.validation_fraction < 1.0:
+            raise ValueError(
+                f"validation_fraction must lie in [0, 1), got {self.validation_fraction}"
+            )
+        if self.kl_warmup_epochs < 0 or self.patience < 1:
+            raise ValueError("kl_warmup_epochs must be >= 0 and patience >= 1")
+
+
+class TrainingDivergedError(RuntimeError):
+    """The loss became NaN or infinite."""
+
+
+def default_max_epochs(n_cells: int) -> int:
+    """scVI's rule: 400 epochs up to 20,000 cells, fewer (down to 1) beyond."""
+    return max(1, min(400, round(20_000 / n_cells * 400)))
+
+
+def resolve_device(device: str | torch.device) -> torch.device:
+    if str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("device='cuda' was asked for, but torch sees no CUDA GPU")
+    return device
+
+
+@contextlib.contextmanager
+def seeded(seed: int, device: torch.device) -> Iterator[None]:
+    """A seeded torch RNG; the caller's RNG state is restored after."""
+    devices = [device] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
+        yield
+
+
+def split_cells(n_obs: int, fraction: float, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """Random training and validation positions (validation empty if it would be < 1 cell)."""
+    n_val = int(round(n_obs * fraction))
+    if n_obs - n_val < 2:
+        raise ValueError(f"{n_obs} cells leave too few to train on; at least 2 are needed")
+    perm = rng.permutation(n_obs)
+    return np.sort(perm[n_val:]), np.sort(perm[:n_val])
+
+
+def _minibatches(index: np.ndarray, batch_size: int, rng: np.random.Generator | None):
+    """Near-equal minibatches (never a batch of one cell, which batch norm cannot take)."""
+    if rng is not None:
+        index = rng.permutation(index)
+    n_batches = max(1, math.ceil(len(index) / batch_size))
+    for chunk in np.array_split(index, n_batches):
+        yield np.sort(chunk)
+
+
+def evaluate_loss(loss_fn, data: CountData, index: np.ndarray, batch_size: int, device) -> float:
+    """The ELBO per cell of the given cells (KL weight 1)."""
+    total = 0.0
+    with torch.no_grad():
+        for chunk in _minibatches(index, batch_size, None):
+            x = data.batch(chunk, device)
+            library = x.sum(-1, keepdim=True)
+            total += float(loss_fn(x, library, torch.as_tensor(chunk), len(chunk)))
+    return -total / len(index)
+
+
+def train(module: VAEModule, data: CountData, plan: TrainingPlan) -> pd.DataFrame:
+    """Train ``module`` in place on all cells of ``data``; returns the history per epoch.
+
+    Columns: ``epoch``, ``kl_weight``, ``train_elbo`` (the training objective per cell,
+    latent sites weighted by ``kl_weight``), ``validation_elbo`` (per held-out cell, full
+    weight; NaN without validation cells) and ``seconds``.
+    """
+    device = resolve_device(plan.device)
+    module.to(device)
+    rng = np.random.default_rng(plan.seed)
+    train_idx, val_idx = split_cells(data.n_obs, plan.validation_fraction, rng)
+    n_train = len(train_idx)
+    max_epochs = plan.max_epochs or default_max_epochs(data.n_obs)
+    elbo = TraceMeanField_ELBO() if plan.analytic_kl else Trace_ELBO()
+    rows, best, best_state, waited = [], -math.inf, None, 0
+    with seeded(plan.seed, device):
+        loss_fn = elbo(module.model, module.guide)
+        optimizer = torch.optim.Adam(
+            loss_fn.parameters(), lr=plan.lr, weight_decay=plan.weight_decay, eps=0.01
+        )
+        bar = tqdm(
+            range(max_epochs), desc="training", unit="epoch", disable=not plan.progress,
+            mininterval=0.5,
+        )
+        for epoch in bar:
+            start = time.perf_counter()
+            kl_weight = min(1.0, (epoch + 1) / plan.kl_warmup_epochs) if plan.kl_warmup_epochs else 1.0
+            module.train()
+            total = torch.zeros((), device=device)
+            for chunk in _minibatches(train_idx, plan.batch_size, rng):
+                x = data.batch(chunk, device)
+                library = x.sum(-1, keepdim=True)
+                loss = loss_fn(x, library, torch.as_tensor(chunk), n_train, kl_weight)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                total += loss.detach() * len(chunk)
+            train_elbo = -float(total) / n_train / n_train
+            if not math.isfinite(train_elbo):
+                raise TrainingDivergedError(
+                    f"the training loss became {train_elbo} at epoch {epoch + 1}; "
+                    "try a smaller lr, or check the data"
+                )
+            module.eval()
+            val_elbo = (
+                evaluate_loss(loss_fn, data, val_idx, 1024, device) if len(val_idx) else math.nan
+            )
+            rows.append((epoch + 1, kl_weight, train_elbo, val_elbo, time.perf_counter() - start))
+            bar.set_postfix(train_elbo=f"{train_elbo:.1f}", val_elbo=f"{val_elbo:.1f}")
+            if not (plan.early_stopping and len(val_idx)) or kl_weight < 1.0:
+                continue
+            if val_elbo > best:
+                best, waited = val_elbo, 0
+                best_state = {k: v.detach().clone() for k, v in module.state_dict().items()}
+            else:
+                waited += 1
+                if waited >= plan.patience:
+                    bar.set_description(f"stopped early at epoch {epoch + 1}")
+                    break
+        bar.close()
+    if best_state is not None:
+        module.load_state_dict(best_state)
+    module.eval()
+    return pd.DataFrame(
+        rows, columns=["epoch", "kl_weight", "train_elbo", "validation_elbo", "seconds"]
+    )

@@ -1,0 +1,36 @@
+import matplotlib
+import numpy as np
+import pytest
+
+import pyrovae
+
+matplotlib.use("Agg")
+
+
+@pytest.fixture(scope="session")
+def sim():
+    """A small simulated count data set with 4 well-separated clusters (do not modify)."""
+    return pyrovae.datasets.simulate(300, 60, 4, likelihood="nb", separation=3.0, seed=1)
+
+
+@pytest.fixture
+def small(sim):
+    """A fresh copy of ``sim`` that a test may write into."""
+    return sim.copy()
+
+
+@pytest.fixture(scope="session")
+def quick():
+    """Training options for tests that only need a trained model, not a good one."""
+    return dict(max_epochs=3, progress=False, seed=0)
+
+
+def continuous_version(adata, kind):
+    """Data for the continuous likelihoods: log-normalised, or scaled to [0, 1]."""
+    out = adata.copy()
+    X = out.X.toarray()
+    X = np.log1p(X / X.sum(1, keepdims=True) * 1e4)
+    if kind == "unit_interval":
+        X = X / X.max(0, keepdims=True)
+    out.X = X.astype(np.float32)
+    return out
