@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Literal, Sequence
 
 import anndata as ad
@@ -9,8 +10,8 @@ import numpy as np
 
 from .likelihoods import Likelihood
 from .nn import Architecture
-from .priors import Prior
-from .train import TrainingPlan
+from .priors import GaussianMixture, Prior, get_prior
+from .train import TrainingPlan, default_max_epochs
 from .vae import VAE
 
 __all__ = ["fit"]
@@ -23,7 +24,10 @@ def fit(
     likelihood: LikelihoodName | Likelihood = "zinb",
     *,
     layer: str | None = None,
-    prior: Literal["normal"] | Prior = "normal",
+    prior: Literal["normal", "gmm", "vamp"] | Prior = "normal",
+    n_clusters: int = 10,
+    mixture: Literal["enumerate", "gumbel", "marginal"] = "enumerate",
+    pretrain_epochs: int | None = None,
     n_latent: int = 10,
     n_hidden: int | Sequence[int] = 128,
     dropout: float = 0.1,
@@ -54,7 +58,19 @@ def fit(
     layer
         Read the data from ``adata.layers[layer]``; ``adata.X`` when None.
     prior
-        Prior on the latent space, by name or as a :class:`pyrovae.priors.Prior`.
+        Prior on the latent space: ``"normal"`` (``N(0, I)``), ``"gmm"`` (a Gaussian
+        mixture with a cluster for each cell, see :class:`pyrovae.priors.GaussianMixture`),
+        ``"vamp"`` (:class:`pyrovae.priors.VampPrior`), or a prior object.
+    n_clusters, mixture
+        For ``prior="gmm"``: the number of clusters, and how the cluster is handled in
+        training: summed out exactly by enumeration, relaxed by Gumbel-Softmax, or
+        marginalised out of the prior.
+    pretrain_epochs
+        For a mixture whose components start from KMeans (``init="kmeans"``, the
+        default): epochs of a standard-normal VAE first, whose posterior means then place
+        the components; the mixture trains for the remaining epochs, with its KL at full
+        weight. ``None`` takes the KL warm-up (``kl_warmup_epochs``), at most half of
+        ``max_epochs``; ``0`` trains the mixture from the first epoch.
     n_latent
         Dimension of the latent space.
     n_hidden
@@ -75,28 +91,63 @@ def fit(
     -----
     Writes ``adata.obsm[key_added]`` (the posterior mean of each cell) and
     ``adata.uns["pyrovae"]`` (``settings`` and per-epoch ``history`` of this run, replacing
-    any earlier entry); nothing else in ``adata`` changes.
+    any earlier entry). A prior with clusters also writes ``adata.obs["pyrovae_cluster"]``
+    (``argmax_k q(y = k | x)``, categorical), ``adata.obsm["pyrovae_cluster_probs"]`` and
+    the component means in ``adata.uns["pyrovae"]["component_means"]``. Nothing else in
+    ``adata`` changes.
     """
+    if isinstance(prior, str):
+        options = {"gmm": {"n_clusters": n_clusters, "mode": mixture}}.get(prior, {})
+        prior = get_prior(prior, **options)
     hidden = (n_hidden,) if isinstance(n_hidden, (int, np.integer)) else tuple(n_hidden)
-    model = VAE(
-        adata.var_names,
-        likelihood=likelihood,
-        prior=prior,
-        architecture=Architecture(n_latent=n_latent, n_hidden=hidden, dropout=dropout,
-                                  batch_norm=batch_norm),
-        layer=layer,
-        seed=seed,
-    )
     plan = TrainingPlan(
         max_epochs=max_epochs, batch_size=batch_size, lr=lr, kl_warmup_epochs=kl_warmup_epochs,
         validation_fraction=validation_fraction, early_stopping=early_stopping,
         patience=patience, seed=seed, device=device, progress=progress,
     )
-    model.train(adata, plan)
+    total = max_epochs or default_max_epochs(adata.n_obs)
+    if pretrain_epochs is None:
+        pretrain_epochs = min(kl_warmup_epochs, total // 2)
+    staged = (
+        isinstance(prior, GaussianMixture) and prior.init == "kmeans"
+        and not bool(prior.initialized) and 0 < pretrain_epochs < total
+    )
+    model = VAE(
+        adata.var_names,
+        likelihood=likelihood,
+        prior="normal" if staged else prior,
+        architecture=Architecture(n_latent=n_latent, n_hidden=hidden, dropout=dropout,
+                                  batch_norm=batch_norm),
+        layer=layer,
+        seed=seed,
+    )
+    if staged:
+        model.train(adata, replace(plan, max_epochs=pretrain_epochs, early_stopping=False))
+        model.set_prior(prior, adata)
+        model.train(adata, replace(plan, max_epochs=total - pretrain_epochs, kl_warmup_epochs=0))
+    else:
+        model.train(adata, plan)
     latent = model.get_latent(adata)
     adata.obsm[key_added] = latent
-    adata.uns["pyrovae"] = {
-        "settings": {**model.settings(), "obsm_key": key_added, "n_cells": adata.n_obs},
+    record = {
+        "settings": {**model.settings(), "obsm_key": key_added, "n_cells": adata.n_obs,
+                     "pretrain_epochs": pretrain_epochs if staged else 0},
         "history": {k: model.history[k].to_numpy() for k in model.history.columns},
     }
+    if model.prior.n_clusters is not None:
+        write_clusters(model, adata, record)
+    adata.uns["pyrovae"] = record
     return model
+
+
+def write_clusters(model: VAE, adata: ad.AnnData, record: dict) -> None:
+    """Cluster assignments and probabilities into ``adata``; component means into ``record``."""
+    import pandas as pd
+
+    probs = model.get_cluster_probs(adata)
+    K = probs.shape[1]
+    adata.obsm["pyrovae_cluster_probs"] = probs
+    adata.obs["pyrovae_cluster"] = pd.Categorical(
+        probs.argmax(1).astype(str), categories=[str(k) for k in range(K)]
+    )
+    record["component_means"] = model.prior.locs.detach().cpu().numpy()

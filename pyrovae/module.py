@@ -36,6 +36,8 @@ class Model(PyroModule):
 
         p(z) = N(0, I)
         p(x | z, l) = prod_g ZINB(x_g; mean = l * rho_g(z), theta_g, pi_g(z))
+
+    The prior object samples the latent sites (``z``, and ``y`` for a mixture).
     """
 
     def __init__(self, n_genes: int, likelihood: Likelihood, prior: Prior, arch: Architecture):
@@ -55,27 +57,29 @@ class Model(PyroModule):
     def forward(self, x, library, index, n_obs: int, kl_weight: float = 1.0):
         with pyro.plate("cells", n_obs, subsample=index):
             with poutine.scale(scale=kl_weight):
-                z = self.prior(self.n_latent)
+                z = self.prior.model(self.n_latent)
             return pyro.sample("x", self.observation(z, library).to_event(1), obs=x)
 
 
 class Guide(PyroModule):
-    """``q(z | x) = N(mu(x), diag(sigma(x)^2))``, an encoder of ``log1p`` counts."""
+    """An encoder of ``log1p`` counts; the prior object samples the latent sites from it.
+
+    With the default prior ``q(z | x) = N(mu(x), diag(sigma(x)^2))``.
+    """
 
     def __init__(self, n_genes: int, likelihood: Likelihood, arch: Architecture):
         super().__init__()
         self.likelihood = likelihood
         self.encoder = Encoder(n_genes, arch.n_latent, arch)
 
-    def posterior(self, x: torch.Tensor) -> dist.Distribution:
-        """``q(z | x)``, with batch shape ``(cells,)``."""
-        loc, scale = self.encoder(self.likelihood.encoder_input(x))
-        return dist.Normal(loc, scale).to_event(1)
+    @property
+    def prior(self) -> Prior:
+        return self.__dict__["_prior"]  # owned (and registered) by the model
 
     def forward(self, x, library, index, n_obs: int, kl_weight: float = 1.0):
         with pyro.plate("cells", n_obs, subsample=index):
             with poutine.scale(scale=kl_weight):
-                return pyro.sample("z", self.posterior(x))
+                return self.prior.guide(self.encoder, self.likelihood.encoder_input(x))
 
 
 class VAEModule(nn.Module):
@@ -85,5 +89,21 @@ class VAEModule(nn.Module):
         self, n_genes: int, likelihood: Likelihood, prior: Prior, arch: Architecture
     ):
         super().__init__()
-        self.model = Model(n_genes, likelihood, prior, arch)
         self.guide = Guide(n_genes, likelihood, arch)
+        self.model = Model(n_genes, likelihood, prior, arch)
+        self.set_prior(prior)
+        # log-normal fit to the training cells' library sizes, for generating new cells
+        self.register_buffer("log_library_loc", torch.zeros(()))
+        self.register_buffer("log_library_scale", torch.ones(()))
+        self.register_buffer("library_fitted", torch.tensor(False))
+
+    @property
+    def prior(self) -> Prior:
+        return self.model.prior
+
+    def set_prior(self, prior: Prior) -> None:
+        """Attach ``prior`` to model and guide, keeping the encoder and decoder."""
+        prior.setup(self.model.n_latent, self.guide.encoder)
+        device = next(self.guide.encoder.parameters()).device
+        self.model.prior = prior.to(device)
+        self.guide.__dict__["_prior"] = prior

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-__all__ = ["Architecture", "Decoder", "Encoder", "mlp"]
+__all__ = ["Architecture", "Decoder", "Encoder", "MLP"]
 
 
 @dataclass(frozen=True)
@@ -34,33 +34,53 @@ class Architecture:
             raise ValueError(f"dropout must lie in [0, 1), got {self.dropout}")
 
 
-def mlp(n_in: int, hidden: Sequence[int], *, dropout: float, batch_norm: bool) -> nn.Sequential:
-    """``[Linear -> BatchNorm -> ReLU -> Dropout] * len(hidden)``, scVI's ``FCLayers``."""
-    layers: list[nn.Module] = []
-    for n_out in hidden:
-        layers.append(nn.Linear(n_in, n_out))
-        if batch_norm:
-            layers.append(nn.BatchNorm1d(n_out, momentum=0.01, eps=1e-3))
-        layers.append(nn.ReLU())
-        if dropout > 0:
-            layers.append(nn.Dropout(dropout))
-        n_in = n_out
-    return nn.Sequential(*layers)
+class MLP(nn.Sequential):
+    """``[Linear -> BatchNorm -> ReLU -> Dropout] * len(hidden)``, scVI's ``FCLayers``.
+
+    Inputs may carry extra leading dimensions (e.g. an enumerated cluster dimension
+    ``(K, cells, features)``); batch norm then pools them with the cells.
+    """
+
+    def __init__(self, n_in: int, hidden: Sequence[int], *, dropout: float, batch_norm: bool):
+        layers: list[nn.Module] = []
+        for n_out in hidden:
+            layers.append(nn.Linear(n_in, n_out))
+            if batch_norm:
+                layers.append(nn.BatchNorm1d(n_out, momentum=0.01, eps=1e-3))
+            layers.append(nn.ReLU())
+            if dropout > 0:
+                layers.append(nn.Dropout(dropout))
+            n_in = n_out
+        super().__init__(*layers)
+        self.n_out = n_in
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() <= 2:
+            return super().forward(x)
+        return super().forward(x.reshape(-1, x.shape[-1])).reshape(*x.shape[:-1], self.n_out)
 
 
 class Encoder(nn.Module):
-    """``x -> (loc, scale)`` of a diagonal Gaussian over ``n_out`` dimensions."""
+    """``x -> (loc, scale)`` of a diagonal Gaussian over ``n_out`` dimensions.
+
+    The steps are exposed so that a prior can condition the posterior on more than ``x``:
+    ``h = body(x)``, then ``loc(h)`` and ``to_scale(scale(h))``, where ``scale(h)`` is
+    unconstrained.
+    """
 
     def __init__(self, n_in: int, n_out: int, arch: Architecture):
         super().__init__()
-        self.body = mlp(n_in, arch.n_hidden, dropout=arch.dropout, batch_norm=arch.batch_norm)
-        n_last = arch.n_hidden[-1] if arch.n_hidden else n_in
-        self.loc = nn.Linear(n_last, n_out)
-        self.scale = nn.Linear(n_last, n_out)
+        self.body = MLP(n_in, arch.n_hidden, dropout=arch.dropout, batch_norm=arch.batch_norm)
+        self.loc = nn.Linear(self.body.n_out, n_out)
+        self.scale = nn.Linear(self.body.n_out, n_out)
+
+    @staticmethod
+    def to_scale(raw: torch.Tensor) -> torch.Tensor:
+        return F.softplus(raw) + 1e-4
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         h = self.body(x)
-        return self.loc(h), F.softplus(self.scale(h)) + 1e-4
+        return self.loc(h), self.to_scale(self.scale(h))
 
 
 class Decoder(nn.Module):
@@ -73,9 +93,8 @@ class Decoder(nn.Module):
     def __init__(self, n_in: int, n_genes: int, heads: Mapping[str, str], arch: Architecture):
         super().__init__()
         self.activations = dict(heads)
-        self.body = mlp(n_in, arch.n_hidden[::-1], dropout=0.0, batch_norm=arch.batch_norm)
-        n_last = arch.n_hidden[0] if arch.n_hidden else n_in
-        self.heads = nn.ModuleDict({name: nn.Linear(n_last, n_genes) for name in heads})
+        self.body = MLP(n_in, arch.n_hidden[::-1], dropout=0.0, batch_norm=arch.batch_norm)
+        self.heads = nn.ModuleDict({name: nn.Linear(self.body.n_out, n_genes) for name in heads})
 
     def forward(self, z: torch.Tensor) -> dict[str, torch.Tensor]:
         h = self.body(z)

@@ -1,54 +1,422 @@
-"""Priors on the latent ``z``: small objects the model calls, swappable on a fitted model."""
+"""Priors on the latent space: small objects that own the latent sites of model and guide.
+
+A prior writes the latent part of both Pyro functions: inside the ``cells`` plate the model
+calls ``prior.model(n_latent)`` and the guide calls ``prior.guide(encoder, x)`` (``x`` as
+the encoder sees it), and both return ``z``. The encoder body and the decoder belong to the
+VAE, so a prior can be swapped on a trained model and training continued with their
+weights; what the prior adds to the guide (a classifier ``q(y | x)``, offsets of
+``q(z | x, y)``) is its own.
+
+Priors that need the network sizes create their parameters in :meth:`Prior.setup`, called
+when the prior is attached to a model.
+"""
 
 from __future__ import annotations
 
+import contextlib
+import math
+from typing import Any, Iterator, Literal
+
+import numpy as np
 import pyro
 import pyro.distributions as dist
 import torch
+from pyro.infer import ELBO, Trace_ELBO, TraceEnum_ELBO, TraceMeanField_ELBO
 from pyro.nn import PyroModule
+from torch import nn
+from torch.nn import functional as F
 
-__all__ = ["PRIORS", "Prior", "StandardNormal", "get_prior"]
+from .nn import Encoder
+
+__all__ = ["PRIORS", "GaussianMixture", "Prior", "StandardNormal", "VampPrior", "get_prior"]
+
+MixtureMode = Literal["enumerate", "gumbel", "marginal"]
 
 
 class Prior(PyroModule):
-    """Base class of priors.
+    """Base class: ``p(z) = N(0, I)`` and ``q(z | x) = N(loc(x), diag(scale(x)^2))``.
 
-    A prior owns the sample sites of the latent variables in the model: inside the
-    ``cells`` plate the model calls ``prior(n_latent)`` and gets ``z`` back. Subclasses
-    holding learnable parameters register them as ``nn.Parameter`` attributes; they
-    train with the rest of the model.
+    Subclasses override :meth:`model` (and :meth:`guide` when they add latent sites to the
+    guide), and the hooks below when they need them.
     """
 
-    name: str = "prior"
-
-    def forward(self, n_latent: int) -> torch.Tensor:
-        raise NotImplementedError
-
-
-class StandardNormal(Prior):
-    """``p(z) = N(0, I)``."""
-
-    name = "normal"
+    name: str = "normal"
 
     def __init__(self):
         super().__init__()
         self.register_buffer("_zero", torch.zeros(()), persistent=False)
+        self.n_latent: int | None = None
 
-    def dist(self, n_latent: int) -> dist.Distribution:
-        return dist.Normal(self._zero, 1.0).expand([n_latent]).to_event(1)
+    # ---- structure -------------------------------------------------------------
+    def setup(self, n_latent: int, encoder: Encoder) -> None:
+        """Create parameters that depend on the network sizes (called once per model).
 
-    def forward(self, n_latent: int) -> torch.Tensor:
-        return pyro.sample("z", self.dist(n_latent))
+        Subclasses call this first; it refuses a prior that belongs to another model, whose
+        parameters would otherwise be shared.
+        """
+        owner = self.__dict__.get("_owner")
+        if owner is not None and owner is not encoder:
+            raise ValueError(
+                f"this {type(self).__name__} already belongs to another model; give each "
+                "model its own prior object (e.g. copy.deepcopy(prior) before training)"
+            )
+        self.__dict__["_owner"] = encoder
+        self.n_latent = n_latent
+
+    def config(self) -> dict[str, Any]:
+        """Constructor arguments that rebuild this prior (saved with the model)."""
+        return {}
+
+    @property
+    def n_clusters(self) -> int | None:
+        """Number of clusters for priors that have them, else None."""
+        return None
+
+    # ---- the Pyro sites --------------------------------------------------------
+    def model(self, n_latent: int) -> torch.Tensor:
+        """Sample the latent sites of the model; returns ``z``."""
+        return pyro.sample("z", dist.Normal(self._zero, 1.0).expand([n_latent]).to_event(1))
+
+    def guide(self, encoder: Encoder, x: torch.Tensor) -> torch.Tensor:
+        """Sample the latent sites of the guide; returns ``z``."""
+        loc, scale = encoder(x)
+        return pyro.sample("z", dist.Normal(loc, scale).to_event(1))
+
+    # ---- how to train ----------------------------------------------------------
+    def elbo(self, analytic_kl: bool = True) -> ELBO:
+        """A fresh ELBO estimator suited to this prior's sites."""
+        return TraceMeanField_ELBO() if analytic_kl else Trace_ELBO()
+
+    def initialize(self, latent: torch.Tensor, x: torch.Tensor) -> None:
+        """Data-dependent initialisation before training: ``latent`` are the current
+        posterior means and ``x`` encoder inputs of (up to a few thousand) training cells."""
+
+    def on_epoch(self, epoch: int) -> None:
+        """Called at the start of each training epoch (0-based), e.g. for schedules."""
+
+    @contextlib.contextmanager
+    def evaluation(self) -> Iterator[None]:
+        """The sites to score and sample with after training (the trained ones by default)."""
+        yield
+
+    # ---- summaries of q --------------------------------------------------------
+    def latent_mean(self, encoder: Encoder, x: torch.Tensor) -> torch.Tensor:
+        """``E_q[z | x]``."""
+        return encoder(x)[0]
+
+    def cluster_probs(self, encoder: Encoder, x: torch.Tensor) -> torch.Tensor | None:
+        """``q(y | x)`` as ``(cells, n_clusters)`` for priors with clusters, else None."""
+        return None
+
+    def sample_z(self, n: int, cluster: int | None = None) -> torch.Tensor:
+        """Draw ``n`` latent points from the prior (from one component if ``cluster``)."""
+        if cluster is not None:
+            raise ValueError(f"the {self.name!r} prior has no clusters")
+        return torch.randn(n, self.n_latent, device=self._zero.device)
 
 
-PRIORS: dict[str, type[Prior]] = {"normal": StandardNormal}
+class StandardNormal(Prior):
+    """``p(z) = N(0, I)``; ``q(z | x) = N(mu(x), diag(sigma(x)^2))``."""
+
+    name = "normal"
 
 
-def get_prior(prior: str | Prior) -> Prior:
-    """A prior object from its name (an object passes through)."""
+class GaussianMixture(Prior):
+    """A Gaussian-mixture prior with a categorical cluster ``y`` (the GMVAE of Grønbech et al.).
+
+    Generative::
+
+        y ~ Cat(pi)                                   uniform, or learned weights
+        z | y ~ N(mu_y, diag(sigma_y^2))              learned means and scales
+
+    Inference::
+
+        q(y | x) = Cat(softmax(c(h)))                 a classifier head on the encoder body h
+        q(z | x, y) = N(loc(h) + a_y, softplus(s(h) + b_y))
+
+    so that the ELBO is ``sum_k q(k | x) [log p(x | z_k) + log p(z_k | k) - log q(z_k | x, k)]
+    - KL(q(y | x) || p(y))``. The offsets ``a_y, b_y`` start at zero: a mixture swapped onto
+    a trained model starts from its posterior.
+
+    Parameters
+    ----------
+    n_clusters
+        Number of components ``K``.
+    mode
+        How ``y`` is handled in training:
+        ``"enumerate"`` sums over the K values exactly (``TraceEnum_ELBO``, parallel
+        enumeration); ``"gumbel"`` draws a Gumbel-Softmax relaxation of ``y`` in model and
+        guide (``RelaxedOneHotCategorical``, Jang et al. 2017) with an annealed temperature,
+        trained with ``Trace_ELBO``; ``"marginal"`` sums ``y`` out of the prior
+        analytically (``z ~ MixtureSameFamily``), uses a guide on ``z`` only and recovers
+        ``q(y | x)`` afterwards by Bayes' rule, ``E_q(z|x)[p(y | z)]``.
+    learn_weights
+        Learn the mixture weights ``pi`` (else uniform).
+    init
+        Component means: ``"kmeans"`` on the current latent means when training starts (or
+        when swapped onto a trained model), or ``"random"`` (``N(0, I)``).
+    temperature
+        Gumbel-Softmax temperature: ``(start, end, epochs)``, decaying exponentially from
+        ``start`` to ``end`` over ``epochs`` epochs.
+    conditional_posterior
+        ``q(z | x, y)`` as above (True), or ``q(z | x)`` shared by all clusters (False): the
+        decoder then runs once per cell instead of once per cell and cluster, since ``z``
+        no longer depends on ``y``.
+    """
+
+    name = "gmm"
+
+    def __init__(
+        self,
+        n_clusters: int = 10,
+        *,
+        mode: MixtureMode = "enumerate",
+        learn_weights: bool = False,
+        init: Literal["kmeans", "random"] = "kmeans",
+        temperature: tuple[float, float, int] = (1.0, 0.5, 100),
+        conditional_posterior: bool = True,
+    ):
+        super().__init__()
+        if n_clusters < 2:
+            raise ValueError(f"a mixture needs at least 2 clusters, got {n_clusters}")
+        if mode not in ("enumerate", "gumbel", "marginal"):
+            raise ValueError(f"mode must be 'enumerate', 'gumbel' or 'marginal', got {mode!r}")
+        if init not in ("kmeans", "random"):
+            raise ValueError(f"init must be 'kmeans' or 'random', got {init!r}")
+        self.K = n_clusters
+        self.mode = mode
+        self.learn_weights = learn_weights
+        self.init = init
+        self.temperature_schedule = tuple(temperature)
+        self.conditional_posterior = conditional_posterior
+        self.register_buffer("temperature", torch.tensor(float(temperature[0])))
+        self.register_buffer("initialized", torch.tensor(False))
+
+    @property
+    def n_clusters(self) -> int:
+        return self.K
+
+    def config(self) -> dict[str, Any]:
+        return {
+            "n_clusters": self.K, "mode": self.mode, "learn_weights": self.learn_weights,
+            "init": self.init, "temperature": list(self.temperature_schedule),
+            "conditional_posterior": self.conditional_posterior,
+        }
+
+    def setup(self, n_latent: int, encoder: Encoder) -> None:
+        first = self.n_latent is None
+        super().setup(n_latent, encoder)
+        if not first:
+            return
+        K = self.K
+        self.locs = nn.Parameter(torch.randn(K, n_latent))
+        self.raw_scales = nn.Parameter(torch.zeros(K, n_latent))  # softplus(0) + 0.3 ~ 1
+        self.weight_logits = nn.Parameter(torch.zeros(K), requires_grad=self.learn_weights)
+        if self.mode != "marginal":
+            self.classifier = nn.Linear(encoder.body.n_out, K)
+        if self.mode != "marginal" and self.conditional_posterior:
+            self.loc_offsets = nn.Parameter(torch.zeros(K, n_latent))
+            self.scale_offsets = nn.Parameter(torch.zeros(K, n_latent))
+
+    @property
+    def scales(self) -> torch.Tensor:
+        return F.softplus(self.raw_scales) + 0.3 - math.log(2)
+
+    def _components(self) -> dist.Distribution:
+        return dist.Normal(self.locs, self.scales).to_event(1)
+
+    def mixture(self) -> dist.MixtureSameFamily:
+        """``p(z) = sum_k pi_k N(z; mu_k, sigma_k)``."""
+        return dist.MixtureSameFamily(dist.Categorical(logits=self.weight_logits), self._components())
+
+    # ---- the Pyro sites --------------------------------------------------------
+    def model(self, n_latent: int) -> torch.Tensor:
+        if self.mode == "marginal":
+            return pyro.sample("z", self.mixture())
+        if self.mode == "gumbel":
+            probs = self.weight_logits.softmax(-1)
+            y = pyro.sample("y", dist.RelaxedOneHotCategorical(self.temperature, probs=probs))
+        else:
+            y = F.one_hot(pyro.sample("y", dist.Categorical(logits=self.weight_logits)), self.K)
+        y = y.to(self.locs.dtype)
+        return pyro.sample("z", dist.Normal(y @ self.locs, y @ self.scales).to_event(1))
+
+    def guide(self, encoder: Encoder, x: torch.Tensor) -> torch.Tensor:
+        if self.mode == "marginal":
+            return super().guide(encoder, x)
+        h = encoder.body(x)
+        logits = self.classifier(h)
+        if self.mode == "gumbel":
+            y = pyro.sample("y", dist.RelaxedOneHotCategorical(self.temperature, logits=logits))
+        else:
+            index = pyro.sample(
+                "y", dist.Categorical(logits=logits), infer={"enumerate": "parallel"}
+            )
+            y = F.one_hot(index, self.K)  # (K, 1, K) under enumeration
+        loc, scale = self._posterior(encoder, h, y.to(h.dtype))
+        return pyro.sample("z", dist.Normal(loc, scale).to_event(1))
+
+    def _posterior(self, encoder, h, y):
+        """``q(z | x, y)`` for one-hot (or relaxed) ``y``, broadcasting over its leading dims."""
+        if not self.conditional_posterior:
+            return encoder.loc(h), encoder.to_scale(encoder.scale(h))
+        loc = encoder.loc(h) + y @ self.loc_offsets
+        scale = encoder.to_scale(encoder.scale(h) + y @ self.scale_offsets)
+        return loc, scale
+
+    # ---- training --------------------------------------------------------------
+    def elbo(self, analytic_kl: bool = True) -> ELBO:
+        if self.mode == "enumerate":
+            return TraceEnum_ELBO(max_plate_nesting=1)
+        if self.mode == "gumbel":
+            return Trace_ELBO()
+        return super().elbo(analytic_kl)
+
+    def on_epoch(self, epoch: int) -> None:
+        start, end, epochs = self.temperature_schedule
+        rate = math.log(start / end) / max(epochs, 1)
+        self.temperature.fill_(max(end, start * math.exp(-rate * epoch)))
+
+    @contextlib.contextmanager
+    def evaluation(self) -> Iterator[None]:
+        """A Gumbel-Softmax model is scored and sampled as the discrete mixture it relaxes."""
+        mode = self.mode
+        if mode == "gumbel":
+            self.mode = "enumerate"
+        try:
+            yield
+        finally:
+            self.mode = mode
+
+    def initialize(self, latent: torch.Tensor, x: torch.Tensor) -> None:
+        if bool(self.initialized) or self.init != "kmeans":
+            self.initialized.fill_(True)
+            return
+        from sklearn.cluster import KMeans
+
+        points = latent.detach().cpu().numpy().astype(np.float64)
+        km = KMeans(self.K, n_init=10, random_state=0).fit(points)
+        with torch.no_grad():
+            self.locs.copy_(torch.as_tensor(km.cluster_centers_, dtype=self.locs.dtype))
+            std = np.stack([
+                points[km.labels_ == k].std(0) if (km.labels_ == k).sum() > 1 else points.std(0)
+                for k in range(self.K)
+            ])
+            std = np.clip(std, 0.35, None)  # softplus(raw) + 0.3 - log 2 = std
+            self.raw_scales.copy_(torch.as_tensor(
+                np.log(np.expm1(std - 0.3 + math.log(2))), dtype=self.locs.dtype))
+            if self.learn_weights:
+                counts = np.bincount(km.labels_, minlength=self.K) + 1.0
+                self.weight_logits.copy_(torch.as_tensor(np.log(counts / counts.sum())))
+        self.initialized.fill_(True)
+
+    # ---- summaries of q --------------------------------------------------------
+    def cluster_probs(self, encoder: Encoder, x: torch.Tensor, n_samples: int = 32) -> torch.Tensor:
+        if self.mode != "marginal":
+            return self.classifier(encoder.body(x)).softmax(-1)
+        loc, scale = encoder(x)
+        z = dist.Normal(loc, scale).sample((n_samples,))  # (S, cells, D)
+        log_joint = self._components().log_prob(z.unsqueeze(-2)) + self.weight_logits.log_softmax(-1)
+        return log_joint.softmax(-1).mean(0)
+
+    def latent_mean(self, encoder: Encoder, x: torch.Tensor) -> torch.Tensor:
+        if self.mode == "marginal" or not self.conditional_posterior:
+            return super().latent_mean(encoder, x)
+        h = encoder.body(x)
+        probs = self.classifier(h).softmax(-1)  # (cells, K)
+        eye = torch.eye(self.K, dtype=h.dtype, device=h.device).unsqueeze(1)  # (K, 1, K)
+        loc, _ = self._posterior(encoder, h, eye)  # (K, cells, D)
+        return (probs.T.unsqueeze(-1) * loc).sum(0)
+
+    def sample_z(self, n: int, cluster: int | None = None) -> torch.Tensor:
+        if cluster is None:
+            y = dist.Categorical(logits=self.weight_logits).sample((n,))
+        else:
+            if not 0 <= cluster < self.K:
+                raise ValueError(f"cluster must be in 0..{self.K - 1}, got {cluster}")
+            y = torch.full((n,), cluster, dtype=torch.long, device=self.locs.device)
+        return dist.Normal(self.locs[y], self.scales[y]).sample()
+
+
+class VampPrior(Prior):
+    """The VampPrior (Tomczak & Welling 2018): a mixture of the encoder's posteriors at
+    learned pseudo-inputs ``u_k``, ``p(z) = 1/K sum_k q(z | u_k)``.
+
+    The pseudo-inputs live where the encoder's inputs do (``log1p`` counts for count
+    likelihoods) and start at the inputs of ``n_components`` random training cells. The
+    encoder sees them with its batch-norm statistics frozen (running averages) and
+    without dropout, so the prior does not depend on the minibatch.
+    """
+
+    name = "vamp"
+
+    def __init__(self, n_components: int = 50):
+        super().__init__()
+        if n_components < 1:
+            raise ValueError(f"n_components must be positive, got {n_components}")
+        self.K = n_components
+        self.register_buffer("initialized", torch.tensor(False))
+
+    def config(self) -> dict[str, Any]:
+        return {"n_components": self.K}
+
+    def setup(self, n_latent: int, encoder: Encoder) -> None:
+        first = self.n_latent is None
+        super().setup(n_latent, encoder)
+        if first:
+            n_in = encoder.body[0].in_features if len(encoder.body) else encoder.loc.in_features
+            self.pseudo_inputs = nn.Parameter(torch.rand(self.K, n_in))
+        self.__dict__["_encoder"] = encoder  # a reference, not a submodule: no second copy
+
+    def initialize(self, latent: torch.Tensor, x: torch.Tensor) -> None:
+        if bool(self.initialized):
+            return
+        g = torch.Generator().manual_seed(0)
+        pick = torch.randperm(len(x), generator=g)[: self.K]
+        if len(pick) < self.K:
+            pick = torch.randint(len(x), (self.K,), generator=g)
+        with torch.no_grad():
+            self.pseudo_inputs.copy_(x[pick.to(x.device)])
+        self.initialized.fill_(True)
+
+    def _components(self) -> dist.Distribution:
+        encoder = self.__dict__["_encoder"]
+        was_training = encoder.training
+        encoder.eval()  # frozen batch-norm statistics, no dropout
+        try:
+            loc, scale = encoder(self.pseudo_inputs)
+        finally:
+            encoder.train(was_training)
+        return dist.Normal(loc, scale).to_event(1)
+
+    def mixture(self) -> dist.MixtureSameFamily:
+        uniform = torch.zeros(self.K, device=self.pseudo_inputs.device)
+        return dist.MixtureSameFamily(dist.Categorical(logits=uniform), self._components())
+
+    def model(self, n_latent: int) -> torch.Tensor:
+        return pyro.sample("z", self.mixture())
+
+    def sample_z(self, n: int, cluster: int | None = None) -> torch.Tensor:
+        if cluster is not None:
+            raise ValueError("the VampPrior's components are pseudo-inputs, not clusters")
+        return self.mixture().sample((n,))
+
+
+PRIORS: dict[str, type[Prior]] = {
+    "normal": StandardNormal,
+    "gmm": GaussianMixture,
+    "vamp": VampPrior,
+}
+
+
+def get_prior(prior: str | Prior, **options) -> Prior:
+    """A prior object from its name and options (an object passes through)."""
     if isinstance(prior, Prior):
+        if options:
+            raise ValueError("options are for priors given by name; configure the object instead")
         return prior
     try:
-        return PRIORS[prior]()
+        cls = PRIORS[prior]
     except KeyError:
         raise ValueError(f"unknown prior {prior!r}; choose one of {sorted(PRIORS)}") from None
+    return cls(**options)

@@ -11,7 +11,6 @@ from typing import Iterator, Literal
 import numpy as np
 import pandas as pd
 import torch
-from pyro.infer import Trace_ELBO, TraceMeanField_ELBO
 from tqdm.auto import tqdm
 
 from .data import CountData
@@ -45,6 +44,8 @@ class TrainingPlan:
     analytic_kl
         Use the closed-form KL divergence where the prior and posterior have one
         (``TraceMeanField_ELBO``) instead of its one-sample estimate (``Trace_ELBO``).
+        Priors with other needs choose their own estimator (a mixture that enumerates
+        its cluster trains with ``TraceEnum_ELBO``).
     seed
         Seeds the split, the minibatches, the Monte Carlo draws and dropout: a CPU run is
         reproducible bit for bit. The caller's global random state is left as it was.
@@ -126,14 +127,36 @@ def _minibatches(index: np.ndarray, batch_size: int, rng: np.random.Generator | 
 
 
 def evaluate_loss(loss_fn, data: CountData, index: np.ndarray, batch_size: int, device) -> float:
-    """The ELBO per cell of the given cells (KL weight 1)."""
+    """The ELBO per cell of the given cells (KL weight 1), estimated by ``loss_fn``'s ELBO."""
     total = 0.0
     with torch.no_grad():
         for chunk in _minibatches(index, batch_size, None):
             x = data.batch(chunk, device)
             library = x.sum(-1, keepdim=True)
-            total += float(loss_fn(x, library, torch.as_tensor(chunk), len(chunk)))
+            args = (x, library, torch.as_tensor(chunk), len(chunk))
+            total += loss_fn.elbo.loss(loss_fn.model, loss_fn.guide, *args)
     return -total / len(index)
+
+
+def prepare(module: VAEModule, data: CountData, index: np.ndarray, device,
+            rng: np.random.Generator, n_max: int = 5000) -> None:
+    """Before the first epoch: fit the library-size distribution (count data) and let the
+    prior initialise itself from the current posterior means of up to ``n_max`` cells."""
+    likelihood = module.model.likelihood
+    if likelihood.is_count and not bool(module.library_fitted):
+        totals = np.asarray(data.X[index].sum(1)).ravel()
+        logs = np.log(totals)
+        module.log_library_loc.fill_(float(logs.mean()))
+        module.log_library_scale.fill_(float(max(logs.std(), 1e-3)))
+        module.library_fitted.fill_(True)
+    prior = module.prior
+    if hasattr(prior, "initialized") and not bool(prior.initialized):
+        pick = np.sort(rng.choice(index, size=min(n_max, len(index)), replace=False))
+        module.eval()
+        with torch.no_grad():
+            x = likelihood.encoder_input(data.batch(pick, device))
+            latent = prior.latent_mean(module.guide.encoder, x)
+        prior.initialize(latent, x)
 
 
 def train(module: VAEModule, data: CountData, plan: TrainingPlan) -> pd.DataFrame:
@@ -149,10 +172,10 @@ def train(module: VAEModule, data: CountData, plan: TrainingPlan) -> pd.DataFram
     train_idx, val_idx = split_cells(data.n_obs, plan.validation_fraction, rng)
     n_train = len(train_idx)
     max_epochs = plan.max_epochs or default_max_epochs(data.n_obs)
-    elbo = TraceMeanField_ELBO() if plan.analytic_kl else Trace_ELBO()
     rows, best, best_state, waited = [], -math.inf, None, 0
     with seeded(plan.seed, device):
-        loss_fn = elbo(module.model, module.guide)
+        prepare(module, data, train_idx, device, rng)
+        loss_fn = module.prior.elbo(plan.analytic_kl)(module.model, module.guide)
         optimizer = torch.optim.Adam(
             loss_fn.parameters(), lr=plan.lr, weight_decay=plan.weight_decay, eps=0.01
         )
@@ -163,6 +186,7 @@ def train(module: VAEModule, data: CountData, plan: TrainingPlan) -> pd.DataFram
         for epoch in bar:
             start = time.perf_counter()
             kl_weight = min(1.0, (epoch + 1) / plan.kl_warmup_epochs) if plan.kl_warmup_epochs else 1.0
+            module.prior.on_epoch(epoch)
             module.train()
             total = torch.zeros((), device=device)
             for chunk in _minibatches(train_idx, plan.batch_size, rng):

@@ -11,11 +11,10 @@ import anndata as ad
 import numpy as np
 import pandas as pd
 import torch
-from pyro import poutine
-from torch.distributions import kl_divergence
 
 from . import __version__
 from .data import CountData, check_genes, read_data
+from .inference import elbo_per_cell, posterior_predictive
 from .likelihoods import Likelihood, get_likelihood
 from .module import VAEModule
 from .nn import Architecture
@@ -84,6 +83,37 @@ class VAE:
     def prior(self) -> Prior:
         return self.module.model.prior
 
+    def set_prior(self, prior: str | Prior, adata: ad.AnnData | None = None, **options) -> "VAE":
+        """Swap the prior, keeping the encoder and decoder weights; returns ``self``.
+
+        With ``adata``, the new prior initialises itself from the current posterior means
+        of its cells (a mixture with ``init="kmeans"`` runs KMeans on them); without, it
+        does so when training resumes. Then continue with :meth:`train`::
+
+            model.set_prior("gmm", adata, n_clusters=10)
+            model.train(adata, max_epochs=100)
+        """
+        new = get_prior(prior, **options)
+        module = self.module
+        if adata is not None:
+            data = self._read(adata)
+            with self._inference(seed=0):
+                pick = np.sort(np.random.default_rng(0).choice(
+                    data.n_obs, size=min(5000, data.n_obs), replace=False))
+                x = self.likelihood.encoder_input(data.batch(pick, self.device))
+                latent = self.prior.latent_mean(module.guide.encoder, x)
+        module.set_prior(new)
+        if adata is not None and hasattr(new, "initialized"):
+            new.initialize(latent, x)
+        return self
+
+    def _require_clusters(self) -> None:
+        if self.prior.n_clusters is None:
+            raise ValueError(
+                f"the {self.prior.name!r} prior has no clusters; use a mixture prior, e.g. "
+                "pyrovae.fit(adata, prior='gmm') or model.set_prior('gmm', adata)"
+            )
+
     @property
     def n_latent(self) -> int:
         return self.architecture.n_latent
@@ -120,9 +150,24 @@ class VAE:
     # ------------------------------------------------------------------ inference
     def get_latent(self, adata: ad.AnnData, *, batch_size: int = 1024) -> np.ndarray:
         """Posterior mean ``E_q[z | x]`` of each cell, ``(cells, n_latent)``."""
+        return self._map(adata, lambda enc, x: self.prior.latent_mean(enc, x), batch_size)
+
+    def get_cluster_probs(self, adata: ad.AnnData, *, batch_size: int = 1024) -> np.ndarray:
+        """``q(y | x)`` of each cell, ``(cells, n_clusters)``, for a prior with clusters."""
+        self._require_clusters()
+        return self._map(adata, lambda enc, x: self.prior.cluster_probs(enc, x), batch_size)
+
+    def get_clusters(self, adata: ad.AnnData, *, batch_size: int = 1024) -> np.ndarray:
+        """The most probable cluster of each cell, ``argmax_k q(y = k | x)``."""
+        return self.get_cluster_probs(adata, batch_size=batch_size).argmax(1)
+
+    def _map(self, adata, fn, batch_size: int) -> np.ndarray:
+        """``fn(encoder, encoder_input)`` over all cells of ``adata``, concatenated."""
         data = self._read(adata)
+        encoder = self.module.guide.encoder
         with self._inference(seed=0):
-            out = [self.module.guide.posterior(x).mean for _, x in self._batches(data, batch_size)]
+            out = [fn(encoder, self.likelihood.encoder_input(x))
+                   for _, x in self._batches(data, batch_size)]
         return torch.cat(out).cpu().numpy()
 
     def get_normalized_expression(
@@ -143,13 +188,53 @@ class VAE:
         data = self._read(adata)
         model = self.module.model
         out = []
-        with self._inference(seed):
+        with self._inference(seed), self.prior.evaluation():
             for _, x in self._batches(data, batch_size):
-                z = self.module.guide.posterior(x).sample((n_samples,))
-                heads = model.decoder(z.reshape(-1, self.n_latent))
-                expr = self.likelihood.expression(heads, model.gene_params, library_size)
-                out.append(expr.reshape(n_samples, len(x), -1).mean(0))
+                total = 0.0
+                for _ in range(n_samples):
+                    z = self.module.guide(*self._args(x))
+                    heads = model.decoder(z)
+                    total = total + self.likelihood.expression(heads, model.gene_params, library_size)
+                out.append(total / n_samples)
         return torch.cat(out).cpu().numpy()
+
+    def sample(
+        self,
+        n: int,
+        *,
+        cluster: int | None = None,
+        library_size: float | None = None,
+        seed: int = 0,
+    ) -> ad.AnnData:
+        """Synthetic cells from the prior: ``z ~ p(z)`` (or ``p(z | y = cluster)``),
+        ``x ~ p(x | z, l)``.
+
+        ``l`` is ``library_size`` when given, else drawn from a log-normal fitted to the
+        training cells' library sizes. Returns an AnnData with the draws in ``X`` (genes
+        as ``var_names``), ``z`` in ``obsm["X_pyrovae"]``, ``l`` in ``obs["library"]`` and,
+        when asked for, ``obs["cluster"]``.
+        """
+        module = self.module
+        with self._inference(seed), self.prior.evaluation():
+            z = self.prior.sample_z(n, cluster)
+            if library_size is not None:
+                library = torch.full((n, 1), float(library_size), device=z.device)
+            else:
+                if not bool(module.library_fitted):
+                    raise ValueError("the model has not been trained: pass library_size=")
+                library = (module.log_library_loc + module.log_library_scale
+                           * torch.randn(n, 1, device=z.device)).exp()
+            x = module.model.observation(z, library).sample()
+        out = ad.AnnData(
+            X=x.cpu().numpy(),
+            obs=pd.DataFrame({"library": library.squeeze(1).cpu().numpy()},
+                             index=[f"sample{i}" for i in range(n)]),
+            var=pd.DataFrame(index=self.var_names.copy()),
+        )
+        out.obsm["X_pyrovae"] = z.cpu().numpy()
+        if cluster is not None:
+            out.obs["cluster"] = pd.Categorical([str(cluster)] * n)
+        return out
 
     def elbo(self, adata: ad.AnnData, *, n_samples: int = 10, batch_size: int = 1024,
              seed: int = 0) -> pd.DataFrame:
@@ -157,34 +242,35 @@ class VAE:
 
         Returns a DataFrame indexed by ``obs_names`` with columns ``elbo``,
         ``reconstruction`` (``E_q[log p(x | z)]``, averaged over ``n_samples`` draws) and
-        ``kl`` (``KL(q(z | x) || p(z))``, closed form where it exists); ``elbo =
-        reconstruction - kl``.
+        ``kl`` (``KL(q || p)`` of all latent variables, closed form where it exists);
+        ``elbo = reconstruction - kl``. A mixture's cluster ``y`` is summed out exactly;
+        a model trained with the Gumbel-Softmax relaxation is scored as the discrete model
+        it approximates.
         """
         data = self._read(adata)
-        recon, kl = [], []
-        with self._inference(seed):
-            for index, x in self._batches(data, batch_size):
-                r, k = self._elbo_parts(x, n_samples)
+        recon, elbo = [], []
+        module = self.module
+        with self._inference(seed), self.prior.evaluation():
+            for _, x in self._batches(data, batch_size):
+                r, e = elbo_per_cell(module.model, module.guide, self._args(x), n_samples)
                 recon.append(r)
-                kl.append(k)
-        recon, kl = torch.cat(recon).cpu().numpy(), torch.cat(kl).cpu().numpy()
+                elbo.append(e)
+        recon, elbo = torch.cat(recon).cpu().numpy(), torch.cat(elbo).cpu().numpy()
         return pd.DataFrame(
-            {"elbo": recon - kl, "reconstruction": recon, "kl": kl}, index=data.obs_names
+            {"elbo": elbo, "reconstruction": recon, "kl": recon - elbo}, index=data.obs_names
         )
 
     def posterior_predictive_sample(self, adata: ad.AnnData, n_samples: int = 1, *,
                                     batch_size: int = 1024, seed: int = 0) -> np.ndarray:
         """Replicated data, ``(n_samples, cells, genes)``: ``z ~ q(z | x)``, ``x_rep ~ p(x | z, l)``."""
         data = self._read(adata)
+        module = self.module
         out = []
-        with self._inference(seed):
+        with self._inference(seed), self.prior.evaluation():
             for _, x in self._batches(data, batch_size):
                 args = self._args(x)
-                draws = []
-                for _ in range(n_samples):
-                    guide_trace = poutine.trace(self.module.guide).get_trace(*args)
-                    model = poutine.uncondition(poutine.replay(self.module.model, trace=guide_trace))
-                    draws.append(poutine.trace(model).get_trace(*args).nodes["x"]["value"])
+                draws = [posterior_predictive(module.model, module.guide, args)
+                         for _ in range(n_samples)]
                 out.append(torch.stack(draws))
         return torch.cat(out, dim=1).cpu().numpy()
 
@@ -201,6 +287,7 @@ class VAE:
             "version": __version__,
             "likelihood": self.likelihood.name,
             "prior": self.prior.name,
+            **{f"prior_{k}": v for k, v in self.prior.config().items()},
             "layer": self.layer,
             "n_genes": len(self.var_names),
             **{k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(self.architecture).items()},
@@ -223,6 +310,7 @@ class VAE:
                 "version": __version__,
                 "likelihood": self.likelihood.name,
                 "prior": self.prior.name,
+                "prior_config": self.prior.config(),
                 "architecture": {**asdict(self.architecture), "n_hidden": list(self.architecture.n_hidden)},
                 "layer": self.layer,
                 "var_names": [str(v) for v in self.var_names],
@@ -256,28 +344,6 @@ class VAE:
         """Model and guide arguments for a whole batch (no minibatch scaling)."""
         return x, x.sum(-1, keepdim=True), torch.arange(len(x), device=x.device), len(x)
 
-    def _elbo_parts(self, x: torch.Tensor, n_samples: int) -> tuple[torch.Tensor, torch.Tensor]:
-        args = self._args(x)
-        recon = torch.zeros(len(x), device=x.device)
-        kl = torch.zeros(len(x), device=x.device)
-        for _ in range(n_samples):
-            guide_trace = poutine.trace(self.module.guide).get_trace(*args)
-            model_trace = poutine.trace(
-                poutine.replay(self.module.model, trace=guide_trace)
-            ).get_trace(*args)
-            for name, site in model_trace.nodes.items():
-                if site["type"] != "sample":
-                    continue
-                if site["is_observed"]:
-                    recon += site["fn"].log_prob(site["value"])
-                    continue
-                q = guide_trace.nodes[name]["fn"]
-                try:
-                    kl += kl_divergence(q, site["fn"])
-                except NotImplementedError:
-                    kl += q.log_prob(site["value"]) - site["fn"].log_prob(site["value"])
-        return recon / n_samples, kl / n_samples
-
 
 def load(path: str | os.PathLike, adata: ad.AnnData | None = None, *,
          device: str = "cpu") -> VAE:
@@ -292,7 +358,7 @@ def load(path: str | os.PathLike, adata: ad.AnnData | None = None, *,
     model = VAE(
         state["var_names"],
         likelihood=state["likelihood"],
-        prior=state["prior"],
+        prior=get_prior(state["prior"], **state["prior_config"]),
         architecture=Architecture(**{**arch, "n_hidden": tuple(arch["n_hidden"])}),
         layer=state["layer"],
     )
@@ -300,7 +366,8 @@ def load(path: str | os.PathLike, adata: ad.AnnData | None = None, *,
     model.module.to(resolve_device(device)).eval()
     model.history = pd.DataFrame(state["history"], columns=model.history.columns)
     if state["training_plan"] is not None:
-        model.training_plan = TrainingPlan(**state["training_plan"])
+        plan = state["training_plan"]
+        model.training_plan = TrainingPlan(**plan)
     if adata is not None:
         check_genes(adata.var_names, model.var_names)
     return model

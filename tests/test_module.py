@@ -11,9 +11,19 @@ from pyro.util import check_model_guide_match, check_site_shape
 from pyrovae.likelihoods import LIKELIHOODS, get_likelihood
 from pyrovae.module import VAEModule
 from pyrovae.nn import Architecture
-from pyrovae.priors import PRIORS, get_prior
+from pyrovae.priors import GaussianMixture, StandardNormal, VampPrior, get_prior
 
 ARCH = Architecture(n_latent=3, n_hidden=(16,))
+
+# every prior, and every way a mixture handles its cluster
+PRIOR_CASES = {
+    "normal": StandardNormal,
+    "gmm-enumerate": lambda: GaussianMixture(4, mode="enumerate"),
+    "gmm-gumbel": lambda: GaussianMixture(4, mode="gumbel"),
+    "gmm-marginal": lambda: GaussianMixture(4, mode="marginal"),
+    "gmm-shared-posterior": lambda: GaussianMixture(4, conditional_posterior=False),
+    "vamp": lambda: VampPrior(5),
+}
 
 
 def batch(likelihood, n_cells=8, n_genes=12, seed=0):
@@ -33,12 +43,18 @@ def args(x, library, n_obs=None, kl_weight=1.0):
     return x, library, torch.arange(len(x)), n_obs or len(x), kl_weight
 
 
-@pytest.mark.parametrize("prior", sorted(PRIORS))
+def test_every_registered_prior_has_a_case():
+    from pyrovae.priors import PRIORS
+
+    assert {type(make()).name for make in PRIOR_CASES.values()} == set(PRIORS)
+
+
+@pytest.mark.parametrize("prior", sorted(PRIOR_CASES))
 @pytest.mark.parametrize("likelihood", sorted(LIKELIHOODS))
 def test_model_and_guide_match_and_take_a_finite_step(likelihood, prior):
     torch.manual_seed(0)
     x, library = batch(likelihood)
-    module = VAEModule(x.shape[1], get_likelihood(likelihood), get_prior(prior), ARCH)
+    module = VAEModule(x.shape[1], get_likelihood(likelihood), PRIOR_CASES[prior](), ARCH)
     with pyro.validation_enabled(True):
         guide_trace = poutine.trace(module.guide).get_trace(*args(x, library))
         model_trace = poutine.trace(poutine.replay(module.model, trace=guide_trace)).get_trace(
@@ -53,7 +69,7 @@ def test_model_and_guide_match_and_take_a_finite_step(likelihood, prior):
         assert model_trace.nodes["x"]["is_observed"]
         assert model_trace.nodes["x"]["fn"].batch_shape == (len(x),)
 
-        loss_fn = Trace_ELBO()(module.model, module.guide)
+        loss_fn = module.prior.elbo()(module.model, module.guide)
         optimizer = torch.optim.Adam(loss_fn.parameters(), lr=1e-2)
         before = {k: v.detach().clone() for k, v in loss_fn.named_parameters()}
         loss = loss_fn(*args(x, library))
@@ -96,10 +112,12 @@ def test_kl_weight_scales_only_the_latent_sites():
         torch.manual_seed(2)
         losses[w] = loss_fn(*args(x, library, kl_weight=w)).item()
     torch.manual_seed(2)
-    q = module.guide.posterior(x)
+    loc, scale = module.guide.encoder(torch.log1p(x))
+    q = torch.distributions.Independent(torch.distributions.Normal(loc, scale), 1)
     z = q.rsample()
     recon = module.model.observation(z, library).to_event(1).log_prob(x).sum().item()
-    kl = torch.distributions.kl_divergence(q, module.model.prior.dist(3).expand([len(x)])).sum().item()
+    p = torch.distributions.Independent(torch.distributions.Normal(torch.zeros(3), 1.0), 1)
+    kl = torch.distributions.kl_divergence(q, p).sum().item()
     for w, loss in losses.items():
         assert loss == pytest.approx(-recon + w * kl, rel=1e-5)
 
