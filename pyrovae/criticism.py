@@ -122,6 +122,10 @@ class _GeneSums:
         return {"mean": mean, "variance": variance, "cv": cv, "zero_fraction": self.zeros / n}
 
 
+def _plus(total: _GeneSums | None, part: _GeneSums) -> _GeneSums:
+    return part if total is None else total + part
+
+
 def gene_statistics(X) -> dict[GeneStatistic, np.ndarray]:
     """Per-gene statistics over the cells of ``X``.
 
@@ -362,7 +366,7 @@ class PosteriorPredictiveCheck:
 
 
 class _Accumulator:
-    """Adds up a check block of cells by block: per-gene sums, per-cell comparisons."""
+    """Builds a check one block of cells at a time: per-gene sums, per-cell comparisons."""
 
     def __init__(self) -> None:
         self.observed: _GeneSums | None = None
@@ -387,21 +391,15 @@ class _Accumulator:
         # cells in slices, so that float64 temporaries stay below _BLOCK_VALUES values
         step = max(1, _BLOCK_VALUES // (replicates.shape[0] * max(1, replicates.shape[2])))
         per_cell: dict[str, list[np.ndarray]] = {s: [] for s in CELL_STATISTICS}
-        sums = [_GeneSums.of(X)]
         for start in range(0, X.shape[0], step):
             block = replicates[:, start : start + step]
-            sums.append(_GeneSums.of(block))
+            self.replicated = _plus(self.replicated, _GeneSums.of(block))
             for s, values in cell_statistics(block).items():
                 per_cell[s].append(values)
+        self.observed = _plus(self.observed, _GeneSums.of(X))
         for s in CELL_STATISTICS:
             replicated = np.concatenate(per_cell[s], axis=1)
             self.cells[s].append(compare(observed[s], replicated, index=obs_names))
-        observed_sums, replicated_sums = sums[0], sum(sums[2:], sums[1])
-        if self.observed is None:
-            self.observed, self.replicated = observed_sums, replicated_sums
-        else:
-            self.observed += observed_sums
-            self.replicated += replicated_sums
 
     def result(self, var_names: Sequence[str]) -> PosteriorPredictiveCheck:
         if self.observed is None or self.replicated is None:

@@ -198,6 +198,8 @@ def batch_mixing_entropy(
         )
     if len(latent) < 2:
         raise ValueError("the batch mixing entropy needs at least 2 cells")
+    if (codes < 0).any():
+        raise ValueError(f"{int((codes < 0).sum())} cells have no batch (missing values)")
     k = min(n_neighbors, len(latent) - 1)
     rng = np.random.default_rng(seed)
     chosen = rng.integers(0, len(latent), size=(n_pools, n_samples_per_pool))
@@ -263,6 +265,8 @@ def latent_metrics(
     KeyError
         If ``use_rep``, ``label_key`` or ``batch_key`` is missing (the message lists what
         there is).
+    ValueError
+        If the labels or batches of some cells are missing.
     """
     if use_rep not in adata.obsm:
         raise KeyError(f"adata.obsm[{use_rep!r}] not found; available: {list(adata.obsm.keys())}")

@@ -109,7 +109,7 @@ def plot_latent_activity(latent_means: np.ndarray, *, threshold: float = 0.01,
     threshold
         Activity above which a dimension is active.
     path
-        Save the figure there too.
+        A file to save the figure to.
 
     Returns
     -------
@@ -154,11 +154,9 @@ def plot_ppc_zeros(genes: pd.DataFrame, *, ax=None,
     Parameters
     ----------
     genes
-        Per-gene table of a check (:attr:`pyrovae.criticism.PosteriorPredictiveCheck.genes`).
-    ax
-        Axes to draw on; a new figure if None.
-    path
-        Save the figure there too.
+        :attr:`pyrovae.criticism.PosteriorPredictiveCheck.genes`.
+    ax, path
+        Axes to draw on (a new figure if None); a file to save the figure to.
 
     Returns
     -------
@@ -178,13 +176,11 @@ def plot_ppc_dispersion(genes: pd.DataFrame, *, statistic: Literal["cv", "varian
     Parameters
     ----------
     genes
-        Per-gene table of a check (:attr:`pyrovae.criticism.PosteriorPredictiveCheck.genes`).
+        :attr:`pyrovae.criticism.PosteriorPredictiveCheck.genes`.
     statistic
         ``"cv"`` (standard deviation / mean) or ``"variance"``.
-    ax
-        Axes to draw on; a new figure if None.
-    path
-        Save the figure there too.
+    ax, path
+        Axes to draw on (a new figure if None); a file to save the figure to.
 
     Returns
     -------
@@ -203,11 +199,9 @@ def plot_ppc_calibration(calibration: pd.DataFrame, *, ax=None,
     Parameters
     ----------
     calibration
-        Nominal level x statistic (:attr:`pyrovae.criticism.PosteriorPredictiveCheck.calibration`).
-    ax
-        Axes to draw on; a new figure if None.
-    path
-        Save the figure there too.
+        Nominal level x statistic, :attr:`pyrovae.criticism.PosteriorPredictiveCheck.calibration`.
+    ax, path
+        Axes to draw on (a new figure if None); a file to save the figure to.
 
     Returns
     -------

@@ -112,6 +112,8 @@ def test_batch_mixing_entropy_details():
     found = metrics._neighbours(triplets, cells, 2)
     for cell, neighbours in zip(cells, found):
         assert set(neighbours) == set(range(3 * (cell // 3), 3 * (cell // 3) + 3)) - {cell}
+    with pytest.raises(ValueError, match="2 cells have no batch"):
+        metrics.batch_mixing_entropy(np.arange(4.0)[:, None], ["a", None, "b", np.nan])
     # more neighbours than cells: all other cells
     assert metrics.batch_mixing_entropy(np.arange(4.0)[:, None], ["a", "b", "a", "b"],
                                         n_neighbors=50) == pytest.approx(
