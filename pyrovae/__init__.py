@@ -15,8 +15,9 @@ import pyro  # noqa: E402
 # after importing pyrovae (the user's own too) follow this setting.
 pyro.settings.set(module_local_params=True)
 
-from . import datasets, likelihoods, metrics, plotting, priors  # noqa: E402
+from . import criticism, datasets, likelihoods, metrics, plotting, priors  # noqa: E402
 from .api import fit  # noqa: E402
+from .criticism import posterior_predictive_check  # noqa: E402
 from .data import InvalidDataError  # noqa: E402
 from .nn import Architecture  # noqa: E402
 from .train import TrainingPlan  # noqa: E402
@@ -28,11 +29,13 @@ __all__ = [
     "TrainingPlan",
     "VAE",
     "__version__",
+    "criticism",
     "datasets",
     "fit",
     "likelihoods",
     "load",
     "metrics",
     "plotting",
+    "posterior_predictive_check",
     "priors",
 ]

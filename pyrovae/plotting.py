@@ -1,12 +1,30 @@
-"""Figures: training curves and 2-D views of the latent space."""
+"""Figures: training curves, 2-D views and activity of the latent space, and posterior
+predictive checks."""
 
 from __future__ import annotations
+
+import os
+from typing import TYPE_CHECKING, Literal
 
 import anndata as ad
 import numpy as np
 import pandas as pd
 
-__all__ = ["plot_embedding", "plot_history", "umap"]
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
+
+    from .criticism import PosteriorPredictiveCheck
+
+__all__ = [
+    "plot_embedding",
+    "plot_history",
+    "plot_latent_activity",
+    "plot_ppc",
+    "plot_ppc_calibration",
+    "plot_ppc_dispersion",
+    "plot_ppc_zeros",
+    "umap",
+]
 
 
 def plot_history(history: pd.DataFrame, ax=None):
@@ -72,3 +90,184 @@ def plot_embedding(coords: np.ndarray, labels, *, title: str = "", ax=None, poin
     ax.legend(loc="center left", bbox_to_anchor=(1.0, 0.5), frameon=False, fontsize="small",
               markerscale=2)
     return ax
+
+
+# ---------------------------------------------------------------------------- latent space
+def plot_latent_activity(latent_means: np.ndarray, *, threshold: float = 0.01,
+                         path: str | os.PathLike | None = None) -> "Figure":
+    """Activity of each latent dimension and the covariance of the latent means.
+
+    Left: the activity ``A_p = Var_cells(E_q[z_p])`` of each dimension
+    (:func:`pyrovae.metrics.latent_activity`, Burda et al. 2015) on a log axis, with the
+    ``threshold`` above which a dimension counts as active. Right: the covariance matrix of
+    the latent means across cells, as a heat map centred on 0.
+
+    Parameters
+    ----------
+    latent_means
+        Posterior means, ``(cells, n_latent)``, e.g. ``adata.obsm["X_pyrovae"]``.
+    threshold
+        Activity above which a dimension is active.
+    path
+        A file to save the figure to.
+
+    Returns
+    -------
+    The matplotlib Figure.
+    """
+    import matplotlib.pyplot as plt
+
+    from .metrics import latent_activity, n_active
+
+    latent_means = np.asarray(latent_means, dtype=np.float64)
+    activity = latent_activity(latent_means)
+    cov = np.atleast_2d(np.cov(latent_means, rowvar=False, ddof=0))
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
+    dims = np.arange(len(activity))
+    active = activity > threshold
+    left.bar(dims[active], activity[active], color="C0", label="active")
+    left.bar(dims[~active], np.maximum(activity[~active], 1e-12), color="lightgrey", label="inactive")
+    left.axhline(threshold, color="black", lw=0.8, ls="--", label=f"threshold {threshold:g}")
+    left.set_yscale("log")
+    left.set_xticks(dims)
+    left.set_xlabel("latent dimension")
+    left.set_ylabel("activity: variance of E_q[z] across cells")
+    left.set_title(f"{n_active(activity, threshold=threshold)} of {len(activity)} dimensions active")
+    left.legend(frameon=False, fontsize="small")
+    bound = float(np.abs(cov).max()) or 1.0
+    image = right.imshow(cov, cmap="RdBu_r", vmin=-bound, vmax=bound)
+    right.set_xticks(dims)
+    right.set_yticks(dims)
+    right.set_xlabel("latent dimension")
+    right.set_ylabel("latent dimension")
+    right.set_title("covariance of the latent means")
+    fig.colorbar(image, ax=right, shrink=0.8)
+    fig.tight_layout()
+    return _saved(fig, path)
+
+
+# ---------------------------------------------------------------------------- model criticism
+def plot_ppc_zeros(genes: pd.DataFrame, *, ax=None,
+                   path: str | os.PathLike | None = None) -> "Figure":
+    """Observed vs replicated fraction of zeros per gene, with the replicates' 90 % intervals.
+
+    Parameters
+    ----------
+    genes
+        :attr:`pyrovae.criticism.PosteriorPredictiveCheck.genes`.
+    ax, path
+        Axes to draw on (a new figure if None); a file to save the figure to.
+
+    Returns
+    -------
+    The matplotlib Figure.
+    """
+    return _plot_observed_vs_replicated(genes, "zero_fraction", log=False, ax=ax, path=path,
+                                        label="fraction of zeros")
+
+
+def plot_ppc_dispersion(genes: pd.DataFrame, *, statistic: Literal["cv", "variance"] = "cv",
+                        ax=None, path: str | os.PathLike | None = None) -> "Figure":
+    """Observed vs replicated dispersion per gene on log axes, with 90 % intervals.
+
+    A model with too little dispersion (e.g. Poisson for over-dispersed counts) puts the
+    genes above the diagonal: the observed value exceeds what it replicates.
+
+    Parameters
+    ----------
+    genes
+        :attr:`pyrovae.criticism.PosteriorPredictiveCheck.genes`.
+    statistic
+        ``"cv"`` (standard deviation / mean) or ``"variance"``.
+    ax, path
+        Axes to draw on (a new figure if None); a file to save the figure to.
+
+    Returns
+    -------
+    The matplotlib Figure.
+    """
+    if statistic not in ("cv", "variance"):
+        raise ValueError(f"statistic must be 'cv' or 'variance', got {statistic!r}")
+    label = "coefficient of variation" if statistic == "cv" else "variance"
+    return _plot_observed_vs_replicated(genes, statistic, log=True, ax=ax, path=path, label=label)
+
+
+def plot_ppc_calibration(calibration: pd.DataFrame, *, ax=None,
+                         path: str | os.PathLike | None = None) -> "Figure":
+    """Observed coverage of central intervals against their nominal level, per statistic.
+
+    Parameters
+    ----------
+    calibration
+        Nominal level x statistic, :attr:`pyrovae.criticism.PosteriorPredictiveCheck.calibration`.
+    ax, path
+        Axes to draw on (a new figure if None); a file to save the figure to.
+
+    Returns
+    -------
+    The matplotlib Figure.
+    """
+    import matplotlib.pyplot as plt
+
+    if ax is None:
+        _, ax = plt.subplots(figsize=(5, 5))
+    level = calibration.index.to_numpy(dtype=float)
+    ax.plot([0, 1], [0, 1], color="grey", lw=0.8, ls="--", label="calibrated")
+    for i, name in enumerate(calibration.columns):
+        ax.plot(level, calibration[name], marker="o", ms=3, color=f"C{i}", label=name)
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1.02)
+    ax.set_xlabel("nominal level of the central interval")
+    ax.set_ylabel("observed coverage")
+    ax.set_title("calibration of the posterior predictive")
+    ax.legend(frameon=False, fontsize="small")
+    return _saved(ax.figure, path)
+
+
+def plot_ppc(check: "PosteriorPredictiveCheck", *,
+             path: str | os.PathLike | None = None) -> "Figure":
+    """Zeros, dispersion (CV) and calibration of a check, side by side."""
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.6))
+    plot_ppc_zeros(check.genes, ax=axes[0])
+    plot_ppc_dispersion(check.genes, ax=axes[1])
+    plot_ppc_calibration(check.calibration, ax=axes[2])
+    fig.tight_layout()
+    return _saved(fig, path)
+
+
+def _plot_observed_vs_replicated(genes: pd.DataFrame, statistic: str, *, log: bool, ax,
+                                 path, label: str) -> "Figure":
+    import matplotlib.pyplot as plt
+
+    if ax is None:
+        _, ax = plt.subplots(figsize=(5, 5))
+    table = genes.xs(statistic, level="statistic")
+    if log:  # genes without counts (0 on both axes) cannot be drawn on log axes
+        table = table[(table["observed"] > 0) & (table["replicated_mean"] > 0)]
+    observed, replicated = table["observed"].to_numpy(), table["replicated_mean"].to_numpy()
+    errors = np.abs(np.stack([replicated - table["lower_90"], table["upper_90"] - replicated]))
+    inside = table["in_90"].to_numpy(dtype=bool)
+    for mask, color, name in [(inside, "C0", "inside"), (~inside, "C3", "outside")]:
+        ax.errorbar(observed[mask], replicated[mask], yerr=errors[:, mask], fmt="o", ms=3,
+                    color=color, elinewidth=0.6, alpha=0.8,
+                    label=f"{name} the 90 % interval ({mask.sum()} genes)")
+    values = np.concatenate([observed, table["lower_90"], table["upper_90"]])
+    values = values[values > 0] if log else values
+    lo, hi = (values.min(), values.max()) if len(values) else (0.0, 1.0)
+    ax.plot([lo, hi], [lo, hi], color="grey", lw=0.8, ls="--")
+    if log:
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+    ax.set_xlabel(f"observed {label}")
+    ax.set_ylabel(f"replicated {label} (mean, 90 % interval)")
+    ax.set_title(f"{label} per gene")
+    ax.legend(frameon=False, fontsize="small")
+    return _saved(ax.figure, path)
+
+
+def _saved(fig: "Figure", path: str | os.PathLike | None) -> "Figure":
+    if path is not None:
+        fig.savefig(path, dpi=150, bbox_inches="tight")
+    return fig
