@@ -17,6 +17,7 @@ pyro.settings.set(module_local_params=True)
 
 from . import criticism, datasets, likelihoods, metrics, plotting, priors  # noqa: E402
 from .api import fit  # noqa: E402
+from .compare import compare  # noqa: E402
 from .criticism import posterior_predictive_check  # noqa: E402
 from .data import InvalidDataError  # noqa: E402
 from .nn import Architecture  # noqa: E402
@@ -29,6 +30,7 @@ __all__ = [
     "TrainingPlan",
     "VAE",
     "__version__",
+    "compare",
     "criticism",
     "datasets",
     "fit",

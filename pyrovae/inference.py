@@ -10,11 +10,14 @@ from __future__ import annotations
 
 from typing import Callable
 
+import math
+
 import torch
 from pyro import poutine
+from pyro.infer import config_enumerate
 from torch.distributions import kl_divergence
 
-__all__ = ["elbo_per_cell", "posterior_predictive"]
+__all__ = ["elbo_per_cell", "log_importance_weight", "marginal_log_likelihood", "posterior_predictive"]
 
 
 def _is_enumerated(site) -> bool:
@@ -72,3 +75,39 @@ def posterior_predictive(model: Callable, guide: Callable, args: tuple) -> torch
     guide_trace = poutine.trace(guide).get_trace(*args)
     replayed = poutine.uncondition(poutine.replay(model, trace=guide_trace))
     return poutine.trace(replayed).get_trace(*args).nodes["x"]["value"]
+
+
+def _log_joint(fn: Callable, values: dict[str, torch.Tensor], args: tuple) -> torch.Tensor:
+    """``log sum_y fn(latents = values, y)`` per cell: every sample site of ``fn`` scored at
+    the given values, a discrete site left free summed out exactly by enumeration."""
+    conditioned = poutine.condition(config_enumerate(fn, default="parallel"), data=values)
+    trace = poutine.trace(poutine.enum(conditioned, first_available_dim=-2)).get_trace(*args)
+    total, enumerated = 0.0, False
+    for site in trace.nodes.values():
+        if site["type"] == "sample":
+            total = total + site["fn"].log_prob(site["value"])
+            enumerated |= _is_enumerated(site)
+    return total.logsumexp(0) if enumerated else total
+
+
+def log_importance_weight(model: Callable, guide: Callable, args: tuple) -> torch.Tensor:
+    """``log p(x, z) - log q(z | x)`` per cell for one ``z ~ q(z | x)``, with a discrete
+    ``y`` summed out of both: ``p(x, z) = sum_y p(x, z, y)``, ``q(z | x) = sum_y q(y, z | x)``."""
+    guide_trace = poutine.trace(guide).get_trace(*args)
+    values = {
+        name: site["value"] for name, site in guide_trace.nodes.items()
+        if site["type"] == "sample" and not site["is_observed"] and not site["fn"].has_enumerate_support
+    }
+    return _log_joint(model, values, args) - _log_joint(guide, values, args)
+
+
+def marginal_log_likelihood(model: Callable, guide: Callable, args: tuple,
+                            n_samples: int = 100) -> torch.Tensor:
+    """The importance-weighted estimate of ``log p(x)`` per cell (Burda et al. 2015):
+    ``log (1/S) sum_s p(x, z_s) / q(z_s | x)``, ``z_s ~ q(z | x)``, accumulated one draw at
+    a time so that memory does not grow with ``S``."""
+    running = None
+    for _ in range(n_samples):
+        log_w = log_importance_weight(model, guide, args)
+        running = log_w if running is None else torch.logaddexp(running, log_w)
+    return running - math.log(n_samples)

@@ -185,7 +185,7 @@ class GaussianMixture(Prior):
             raise ValueError(f"init must be 'kmeans' or 'random', got {init!r}")
         self.K = n_clusters
         self.mode = mode
-        self.learn_weights = learn_weights
+        self.learn_weights = bool(learn_weights)
         self.init = init
         self.temperature_schedule = tuple(temperature)
         self.conditional_posterior = conditional_posterior

@@ -14,7 +14,7 @@ import torch
 
 from . import __version__
 from .data import CountData, check_genes, read_data
-from .inference import elbo_per_cell, posterior_predictive
+from .inference import elbo_per_cell, marginal_log_likelihood, posterior_predictive
 from .likelihoods import Likelihood, get_likelihood
 from .module import VAEModule
 from .nn import Architecture
@@ -259,6 +259,45 @@ class VAE:
         return pd.DataFrame(
             {"elbo": elbo, "reconstruction": recon, "kl": recon - elbo}, index=data.obs_names
         )
+
+    def marginal_log_likelihood(self, adata: ad.AnnData, *, n_samples: int = 100,
+                                batch_size: int = 256, seed: int = 0) -> pd.Series:
+        """The importance-weighted estimate of ``log p(x)`` of each cell, in nats (Burda et
+        al. 2015), from ``n_samples`` draws of ``q``; a mixture's cluster is summed out
+        exactly inside each weight. It is a lower bound that rises towards ``log p(x)``
+        with ``n_samples`` and is never below the ELBO in expectation. Memory is bounded
+        by ``batch_size`` cells, whatever ``n_samples``.
+        """
+        data = self._read(adata)
+        module = self.module
+        out = []
+        with self._inference(seed), self.prior.evaluation():
+            for _, x in self._batches(data, batch_size):
+                out.append(marginal_log_likelihood(module.model, module.guide, self._args(x), n_samples))
+        return pd.Series(torch.cat(out).cpu().numpy(), index=data.obs_names, name="log_likelihood")
+
+    def posterior_predictive_check(self, adata: ad.AnnData, *, n_samples: int = 50,
+                                   seed: int = 0):
+        """Posterior predictive checks per gene and per cell
+        (:func:`pyrovae.criticism.posterior_predictive_check`)."""
+        from .criticism import posterior_predictive_check
+
+        return posterior_predictive_check(self, adata, n_samples=n_samples, seed=seed)
+
+    def latent_metrics(self, adata: ad.AnnData, *, label_key: str | None = None,
+                       batch_key: str | None = None) -> dict[str, float]:
+        """Scores of this model's latent space on ``adata``: silhouette, active dimensions,
+        KMeans and Leiden ARI/NMI against ``adata.obs[label_key]``, batch-mixing entropy
+        by ``adata.obs[batch_key]``, and for a mixture prior the ARI/NMI of its own
+        clusters (``cluster_ari``, ``cluster_nmi``). ``adata`` is not modified."""
+        from . import metrics
+
+        light = ad.AnnData(obs=adata.obs.copy(), obsm={"X_pyrovae": self.get_latent(adata)})
+        out = metrics.latent_metrics(light, use_rep="X_pyrovae", label_key=label_key, batch_key=batch_key)
+        if label_key is not None and self.prior.n_clusters is not None:
+            own = metrics.cluster_scores(light.obs[label_key].to_numpy(), self.get_clusters(adata))
+            out.update({f"cluster_{k}": v for k, v in own.items()})
+        return out
 
     def posterior_predictive_sample(self, adata: ad.AnnData, n_samples: int = 1, *,
                                     batch_size: int = 1024, seed: int = 0) -> np.ndarray:
