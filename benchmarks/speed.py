@@ -1,0 +1,344 @@
+"""Training speed: pyrovae vs a plain PyTorch reference VAE vs scvi-tools' SCVI.
+
+    python benchmarks/speed.py --data pbmc68k bladder --epochs 20 --repeats 3
+    python benchmarks/speed.py --scaling 10000 100000 1000000 --epochs 1
+
+Comparison mode (``--data``). For each data set the cells are permuted with
+``numpy.random.default_rng(0)``; the first 10 % are held out, the rest trained on by every
+contender, for the same number of epochs, no early stopping, no validation pass, batch
+size 128, all in this one process with the same ``torch.set_num_threads``. Each repeat
+runs every contender once (round robin; the order rotates from repeat to repeat so that
+none always runs first), repeat ``r`` with seed ``r`` for all.
+
+- ``pyrovae``: ``pyrovae.VAE(var_names, seed=r).train(train, max_epochs=E,
+  early_stopping=False, validation_fraction=0, progress=False)``, defaults otherwise (ZINB,
+  128 hidden, latent 10, Adam lr 1e-3, KL warm-up over 50 epochs).
+- ``reference``: ``benchmarks/reference_vae.py``, the same network, loss, optimiser,
+  minibatching and KL warm-up in plain PyTorch.
+- ``scvi``: ``scvi.model.SCVI(train)`` with its defaults (ZINB, 128 hidden, latent 10, KL
+  warm-up over 400 epochs), ``train(max_epochs=E, batch_size=128, train_size=1.0,
+  early_stopping=False, enable_progress_bar=False)``; skipped when scvi-tools is not
+  installed.
+
+What is timed, per epoch: one pass over the training cells, i.e. cutting the minibatches
+out of the CSR matrix and densifying them, forward, backward and optimiser step for each,
+and each trainer's own per-epoch bookkeeping; no validation (none of the three runs one).
+pyrovae: its ``history["seconds"]``. reference: the same span of its loop. scvi: a
+Lightning callback, from one ``on_train_epoch_start`` to the next (to ``on_train_end`` for
+the last epoch), so Lightning's per-step logging and epoch-end hooks are inside. The
+first epoch is a warm-up and left out; a run's figure is the median over epochs 2..E
+(robust to bursts of load from other processes on a shared machine; the mean is printed
+too), the table shows the median over repeats and the ratio of pyrovae to each
+contender computed per repeat (pairs run back to back) and then its median. The wall
+time of each whole training call (set-up included) is printed too.
+
+Held-out ELBO per cell (nats, higher is better), after the same E epochs: pyrovae
+``model.elbo(test)`` (10 draws of z per cell, closed-form KL), the reference's
+``evaluate_elbo`` (the same computation), scvi ``model.get_elbo(test)`` (one draw).
+
+Scaling mode (``--scaling N ...``): simulated ZINB counts, ``pyrovae.datasets.simulate(N,
+2000)``, all cells trained on; pyrovae and the reference, interleaved, seconds per epoch
+(the last epoch when E > 1, else the only one) and microseconds per cell, and each size's
+time per cell relative to the smallest size's (1.00 = linear).
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import platform
+import resource
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import pyrovae  # noqa: E402
+from benchmarks import data as bench_data  # noqa: E402
+from benchmarks.reference_vae import ReferenceVAE, evaluate_elbo, train_reference  # noqa: E402
+
+HELD_OUT = 0.1
+
+
+@dataclass
+class Run:
+    contender: str
+    repeat: int
+    epoch_seconds: list[float]
+    wall_seconds: float
+    held_out_elbo: float = float("nan")
+    threads: int = 0
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def seconds_per_epoch(self) -> float:
+        """Median over epochs 2..E (the first is a warm-up; the median, not the mean, so
+        that a burst of load from other processes on the shared machine does not decide
+        it); the only epoch when E = 1."""
+        s = self.epoch_seconds
+        return float(np.median(s[1:] if len(s) > 1 else s))
+
+    @property
+    def mean_seconds_per_epoch(self) -> float:
+        s = self.epoch_seconds
+        return float(np.mean(s[1:] if len(s) > 1 else s))
+
+
+# ---------------------------------------------------------------------------- contenders
+def run_pyrovae(train, test, epochs: int, seed: int) -> Run:
+    model = pyrovae.VAE(train.var_names, seed=seed)
+    start = time.perf_counter()
+    model.train(
+        train, max_epochs=epochs, early_stopping=False, validation_fraction=0.0,
+        progress=False, seed=seed, device="cpu",
+    )
+    wall = time.perf_counter() - start
+    elbo = float(model.elbo(test)["elbo"].mean()) if test is not None else float("nan")
+    return Run("pyrovae", seed, model.history["seconds"].tolist(), wall, elbo,
+               extra={"final_train_elbo": float(model.history["train_elbo"].iloc[-1])})
+
+
+def run_reference(train, test, epochs: int, seed: int) -> Run:
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)  # same initial weights as pyrovae.VAE(seed=seed)
+        model = ReferenceVAE(train.n_vars)
+    start = time.perf_counter()
+    history = train_reference(model, train.X, max_epochs=epochs, seed=seed)
+    wall = time.perf_counter() - start
+    elbo = float(evaluate_elbo(model, test.X).mean()) if test is not None else float("nan")
+    return Run("reference", seed, history["seconds"].tolist(), wall, elbo,
+               extra={"final_train_elbo": float(history["train_elbo"].iloc[-1])})
+
+
+def run_scvi(train, test, epochs: int, seed: int, kl_warmup: int | None = None) -> Run:
+    import scvi
+    from lightning.pytorch.callbacks import Callback
+
+    class EpochTimer(Callback):
+        def __init__(self):
+            self.starts, self.end = [], None
+
+        def on_train_epoch_start(self, trainer, pl_module):
+            self.starts.append(time.perf_counter())
+
+        def on_train_end(self, trainer, pl_module):
+            self.end = time.perf_counter()
+
+    threads = torch.get_num_threads()
+    scvi.settings.seed = seed
+    scvi.settings.verbosity = 0
+    train = train.copy()
+    scvi.model.SCVI.setup_anndata(train)
+    model = scvi.model.SCVI(train)
+    timer = EpochTimer()
+    plan_kwargs = {} if kl_warmup is None else {"n_epochs_kl_warmup": kl_warmup}
+    start = time.perf_counter()
+    model.train(
+        max_epochs=epochs, batch_size=128, train_size=1.0, early_stopping=False,
+        enable_progress_bar=False, callbacks=[timer], plan_kwargs=plan_kwargs,
+        accelerator="cpu", logger=False,
+    )
+    wall = time.perf_counter() - start
+    torch.set_num_threads(threads)  # in case anything changed it
+    marks = timer.starts + [timer.end]
+    epoch_seconds = np.diff(marks).tolist()
+    elbo = float("nan")
+    if test is not None:
+        test = test.copy()
+        scvi.model.SCVI.setup_anndata(test)
+        elbo = float(model.get_elbo(test))
+    return Run("scvi", seed, epoch_seconds, wall, elbo)
+
+
+def scvi_available() -> bool:
+    try:
+        import scvi  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+# ---------------------------------------------------------------------------- comparison
+def split(adata):
+    perm = np.random.default_rng(0).permutation(adata.n_obs)
+    n_test = int(round(HELD_OUT * adata.n_obs))
+    return adata[perm[n_test:]].copy(), adata[perm[:n_test]].copy()
+
+
+def compare(name: str, adata, contenders: dict, epochs: int, repeats: int, threads: int) -> dict:
+    train, test = split(adata)
+    print(f"\n== {name}: {train.n_obs} cells trained on, {test.n_obs} held out, {adata.n_vars} genes; "
+          f"{epochs} epochs, {repeats} repeats, {threads} threads", flush=True)
+    names = list(contenders)
+    runs: list[Run] = []
+    for r in range(repeats):
+        order = names[r % len(names):] + names[: r % len(names)]
+        for contender in order:
+            gc.collect()
+            torch.set_num_threads(threads)
+            run = contenders[contender](train, test, epochs, r)
+            run.threads = torch.get_num_threads()
+            run.extra["load_average_1min"] = os.getloadavg()[0]
+            runs.append(run)
+            print(f"  repeat {r} {contender:9s} {run.seconds_per_epoch:8.3f} s/epoch "
+                  f"(mean {run.mean_seconds_per_epoch:.3f}; first epoch {run.epoch_seconds[0]:.3f} s; "
+                  f"whole train call {run.wall_seconds:.1f} s) held-out ELBO {run.held_out_elbo:9.2f}  "
+                  f"[load {run.extra['load_average_1min']:.1f}]", flush=True)
+    summary = summarise(runs, names)
+    print_table(name, summary, epochs)
+    return {"data": name, "n_train": train.n_obs, "n_test": test.n_obs, "n_genes": adata.n_vars,
+            "epochs": epochs, "repeats": repeats, "threads": threads,
+            "runs": [asdict(r) for r in runs], "summary": summary}
+
+
+def summarise(runs: list[Run], names: list[str]) -> dict:
+    by = {n: [r for r in runs if r.contender == n] for n in names}
+    out = {}
+    for n, rs in by.items():
+        spe = [r.seconds_per_epoch for r in rs]
+        elbo = [r.held_out_elbo for r in rs]
+        out[n] = {
+            "seconds_per_epoch_median": float(np.median(spe)),
+            "seconds_per_epoch_min": float(np.min(spe)),
+            "seconds_per_epoch_max": float(np.max(spe)),
+            "held_out_elbo_mean": float(np.mean(elbo)),
+            "held_out_elbo_sd": float(np.std(elbo)),
+        }
+    if "pyrovae" in by:
+        for n in names:
+            if n == "pyrovae":
+                continue
+            paired = [p.seconds_per_epoch / o.seconds_per_epoch
+                      for p, o in zip(by["pyrovae"], by[n])]
+            out[f"pyrovae/{n}"] = {"median": float(np.median(paired)),
+                                   "min": float(np.min(paired)), "max": float(np.max(paired))}
+    return out
+
+
+def print_table(name: str, summary: dict, epochs: int) -> None:
+    print(f"\n{name}: seconds per epoch (median of epochs 2..{epochs}; median [min, max] over repeats), "
+          f"held-out ELBO per cell after {epochs} epochs (mean ± sd over repeats)")
+    print(f"{'contender':12s} {'s/epoch':>9s} {'range':>19s} {'held-out ELBO':>20s}")
+    for n, s in summary.items():
+        if "/" in n:
+            continue
+        rng = f"[{s['seconds_per_epoch_min']:.3f}, {s['seconds_per_epoch_max']:.3f}]"
+        print(f"{n:12s} {s['seconds_per_epoch_median']:9.3f} {rng:>19s} "
+              f"{s['held_out_elbo_mean']:12.2f} ± {s['held_out_elbo_sd']:.2f}")
+    for n, s in summary.items():
+        if "/" in n:
+            print(f"{n + ' time per epoch':34s} {s['median']:.3f} (paired per repeat; "
+                  f"range {s['min']:.3f}-{s['max']:.3f})")
+    sys.stdout.flush()
+
+
+# ---------------------------------------------------------------------------- scaling
+def max_rss_gib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+
+
+def scaling(sizes: list[int], n_genes: int, epochs: int, threads: int, contenders: dict) -> dict:
+    rows = []
+    names = list(contenders)
+    for i, n in enumerate(sizes):
+        start = time.perf_counter()
+        adata = bench_data.simulated(n, n_genes)
+        made = time.perf_counter() - start
+        nnz = adata.X.nnz
+        print(f"\n== simulated {n:,} cells x {n_genes} genes: simulated in {made:.0f} s, "
+              f"{nnz / n:.0f} non-zeros per cell, CSR {adata.X.data.nbytes * 2 / 2**30:.2f} GiB; "
+              f"peak RSS so far {max_rss_gib():.1f} GiB", flush=True)
+        order = names[i % len(names):] + names[: i % len(names)]
+        for contender in order:
+            gc.collect()
+            torch.set_num_threads(threads)
+            run = contenders[contender](adata, None, epochs, 0)
+            s = run.epoch_seconds[-1]
+            rows.append({"n_cells": n, "contender": contender, "seconds_per_epoch": s,
+                         "epoch_seconds": run.epoch_seconds, "wall_seconds": run.wall_seconds,
+                         "us_per_cell": s / n * 1e6, "simulate_seconds": made,
+                         "peak_rss_gib": max_rss_gib()})
+            rows[-1]["load_average_1min"] = os.getloadavg()[0]
+            print(f"  {contender:9s} {s:9.2f} s/epoch  {s / n * 1e6:7.1f} us/cell  "
+                  f"(whole train call {run.wall_seconds:.1f} s; peak RSS {max_rss_gib():.1f} GiB) "
+                  f"[load {os.getloadavg()[0]:.1f}]", flush=True)
+        del adata
+    print(f"\nscaling: seconds per epoch ({'last of ' + str(epochs) if epochs > 1 else 'one'} epoch), "
+          f"us per cell, and per-cell time relative to {sizes[0]:,} cells (1.00 = linear)")
+    print(f"{'cells':>10s} " + " ".join(f"{c + ' s/epoch':>18s} {'us/cell':>8s} {'rel':>5s}" for c in names)
+          + "  pyrovae/reference")
+    base = {c: next(r["us_per_cell"] for r in rows if r["contender"] == c and r["n_cells"] == sizes[0])
+            for c in names}
+    for n in sizes:
+        cells = []
+        per = {}
+        for c in names:
+            r = next(r for r in rows if r["contender"] == c and r["n_cells"] == n)
+            per[c] = r["seconds_per_epoch"]
+            cells.append(f"{r['seconds_per_epoch']:18.2f} {r['us_per_cell']:8.1f} "
+                         f"{r['us_per_cell'] / base[c]:5.2f}")
+        ratio = per["pyrovae"] / per["reference"] if {"pyrovae", "reference"} <= per.keys() else float("nan")
+        print(f"{n:10,d} " + " ".join(cells) + f"  {ratio:17.3f}")
+    return {"mode": "scaling", "n_genes": n_genes, "epochs": epochs, "threads": threads, "rows": rows}
+
+
+# ---------------------------------------------------------------------------- main
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--data", nargs="+", default=["pbmc68k", "bladder"],
+                        help="pbmc68k, bladder, simulated:<cells>[x<genes>]")
+    parser.add_argument("--epochs", type=int, default=20)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--contenders", nargs="+", default=["pyrovae", "reference", "scvi"],
+                        choices=["pyrovae", "reference", "scvi"])
+    parser.add_argument("--scvi-kl-warmup", type=int, default=None,
+                        help="SCVI's n_epochs_kl_warmup (default: scvi-tools' own, 400)")
+    parser.add_argument("--scaling", type=int, nargs="+", metavar="N_CELLS",
+                        help="scaling mode: simulated data sets of these sizes")
+    parser.add_argument("--genes", type=int, default=2000, help="genes in scaling mode")
+    parser.add_argument("--json", type=Path, help="also write the results to this JSON file")
+    args = parser.parse_args(argv)
+
+    torch.set_num_threads(args.threads)
+    print(f"python {platform.python_version()}, torch {torch.__version__}, pyro "
+          f"{__import__('pyro').__version__}, pyrovae {pyrovae.__version__}, "
+          f"torch threads {torch.get_num_threads()}, {platform.machine()}", flush=True)
+    available = {"pyrovae": run_pyrovae, "reference": run_reference}
+    if "scvi" in args.contenders:
+        if scvi_available():
+            import scvi
+
+            print(f"scvi-tools {scvi.__version__}", flush=True)
+            available["scvi"] = lambda tr, te, e, s: run_scvi(tr, te, e, s, args.scvi_kl_warmup)
+        else:
+            print("scvi-tools is not installed: skipping that contender (see benchmarks/README.md)")
+    contenders = {c: available[c] for c in args.contenders if c in available}
+
+    if args.scaling:
+        contenders = {c: f for c, f in contenders.items() if c != "scvi"}
+        result = scaling(sorted(args.scaling), args.genes, args.epochs, args.threads, contenders)
+    else:
+        result = {"mode": "compare", "data": []}
+        for name in args.data:
+            adata = bench_data.load(name)
+            if adata is None:
+                continue
+            result["data"].append(compare(name, adata, contenders, args.epochs, args.repeats,
+                                          args.threads))
+    if args.json:
+        args.json.write_text(json.dumps(result, indent=1))
+    return result
+
+
+if __name__ == "__main__":
+    main()
