@@ -18,7 +18,8 @@ Variants, all on the same batch (``module`` = ``pyrovae.module.VAEModule``):
 - ``pyrovae``: ``TraceMeanField_ELBO()(module.model, module.guide)``, as ``train.py``.
 - ``pyrovae Trace_ELBO``: the same with ``Trace_ELBO`` (one-sample KL).
 - ``pyrovae fused ZINB``: pyrovae's model and guide with the ZINB likelihood swapped
-  for a ``pyro.distributions`` class whose ``log_prob`` is the reference's formula.
+  for a ``pyro.distributions`` class whose ``log_prob`` is the reference's formula
+  (``benchmarks/fused_zinb.py``).
 - ``... no validation``: inside ``pyro.validation_enabled(False)`` (Pyro validates every
   distribution's arguments and observed values by default).
 - ``pyrovae JitTraceMeanField_ELBO``, ``pyrovae compiled``: when they run.
@@ -47,7 +48,6 @@ import numpy as np
 import pyro
 import pyro.distributions as dist
 import torch
-from pyro.distributions import constraints
 from pyro.infer import JitTraceMeanField_ELBO, Trace_ELBO, TraceMeanField_ELBO
 from torch.distributions import kl_divergence
 
@@ -55,48 +55,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import pyrovae  # noqa: E402
 from benchmarks import data as bench_data  # noqa: E402
+from benchmarks.fused_zinb import FUSED_ZINB  # noqa: E402
 from benchmarks.reference_vae import ReferenceVAE, kl_standard_normal, zinb_log_prob  # noqa: E402
-from pyrovae.likelihoods import Likelihood, get_likelihood  # noqa: E402
+from pyrovae.likelihoods import get_likelihood  # noqa: E402
 from pyrovae.module import VAEModule  # noqa: E402
 from pyrovae.nn import Architecture  # noqa: E402
 from pyrovae.priors import StandardNormal  # noqa: E402
 
 BATCH = 128
 KL_WEIGHT = 0.5
-
-
-# ---------------------------------------------------------------------------- a fused ZINB
-class FusedZINB(dist.TorchDistribution):
-    """ZINB with mean ``exp(log_mu)``, inverse dispersion ``exp(log_theta)`` and zero
-    inflation ``sigmoid(gate_logits)``, its ``log_prob`` one hand-written expression
-    (:func:`benchmarks.reference_vae.zinb_log_prob`). Still a ``pyro.distributions`` object."""
-
-    arg_constraints = {"log_mu": constraints.real, "log_theta": constraints.real,
-                       "gate_logits": constraints.real}
-    support = constraints.nonnegative_integer
-
-    def __init__(self, log_mu, log_theta, gate_logits, validate_args=None):
-        self.log_mu, self.log_theta, self.gate_logits = log_mu, log_theta, gate_logits
-        batch_shape = torch.broadcast_shapes(log_mu.shape, log_theta.shape, gate_logits.shape)
-        super().__init__(batch_shape, validate_args=validate_args)
-
-    def log_prob(self, value):
-        if self._validate_args:
-            self._validate_sample(value)
-        return zinb_log_prob(value, self.log_mu, self.log_theta, self.gate_logits)
-
-    def sample(self, sample_shape=torch.Size()):
-        theta = self.log_theta.exp()
-        base = dist.GammaPoisson(theta, theta / self.log_mu.exp())
-        return dist.ZeroInflatedDistribution(base, gate_logits=self.gate_logits).sample(sample_shape)
-
-
-def fused_zinb(rho, gate_logits, log_theta, *, library):
-    return FusedZINB(torch.log(library) + torch.log(rho), log_theta, gate_logits)
-
-
-FUSED = Likelihood("zinb_fused", fused_zinb, {"rho": "softmax", "gate_logits": "identity"},
-                   ("log_theta",), "counts")
 
 
 # ---------------------------------------------------------------------------- set-up
@@ -139,7 +106,7 @@ def make_variants(x, n_obs: int, try_compile: bool = True):
     te = Trace_ELBO()(module_t.model, module_t.guide)
     variants["pyrovae Trace_ELBO"] = (lambda: te(x, library, index, n_obs, KL_WEIGHT), module_t)
 
-    module_f = pyro_module(FUSED)
+    module_f = pyro_module(FUSED_ZINB)
     fused = TraceMeanField_ELBO()(module_f.model, module_f.guide)
     variants["pyrovae fused ZINB"] = (lambda: fused(x, library, index, n_obs, KL_WEIGHT), module_f)
     variants["pyrovae fused ZINB no validation"] = (

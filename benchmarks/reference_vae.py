@@ -154,13 +154,15 @@ def train_reference(
     weight_decay: float = 1e-6,
     kl_warmup_epochs: int = 50,
     seed: int = 0,
+    on_epoch_start=None,
 ) -> pd.DataFrame:
     """Train on all rows of ``X`` (CSR or dense float32 counts), no validation, no early stopping.
 
     Returns the history per epoch (``epoch``, ``kl_weight``, ``train_elbo``, ``seconds``);
     ``seconds`` times what pyrovae's ``history["seconds"]`` times: the minibatch loop
     (cutting and densifying the batches, forward, backward, optimiser step) and the
-    epoch's bookkeeping.
+    epoch's bookkeeping. ``on_epoch_start()``, when given, is called as each epoch starts
+    (for an outside clock).
     """
     n_obs = X.shape[0]
     rng = np.random.default_rng(seed)
@@ -171,6 +173,8 @@ def train_reference(
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         for epoch in range(max_epochs):
+            if on_epoch_start is not None:
+                on_epoch_start()
             start = time.perf_counter()
             kl_weight = min(1.0, (epoch + 1) / kl_warmup_epochs) if kl_warmup_epochs else 1.0
             model.train()

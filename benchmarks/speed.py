@@ -15,6 +15,10 @@ none always runs first), repeat ``r`` with seed ``r`` for all.
   128 hidden, latent 10, Adam lr 1e-3, KL warm-up over 50 epochs).
 - ``reference``: ``benchmarks/reference_vae.py``, the same network, loss, optimiser,
   minibatching and KL warm-up in plain PyTorch.
+- ``pyrovae-fused`` (only when asked for): the same call with
+  ``likelihood=benchmarks.fused_zinb.FUSED_ZINB`` (a ``pyro.distributions`` class whose
+  ``log_prob`` is the reference's expression), inside ``pyro.validation_enabled(False)``:
+  what two changes to pyrovae's training path would give, measured without changing it.
 - ``scvi``: ``scvi.model.SCVI(train)`` with its defaults (ZINB, 128 hidden, latent 10, KL
   warm-up over 400 epochs), ``train(max_epochs=E, batch_size=128, train_size=1.0,
   early_stopping=False, enable_progress_bar=False)``; skipped when scvi-tools is not
@@ -23,13 +27,18 @@ none always runs first), repeat ``r`` with seed ``r`` for all.
 What is timed, per epoch: one pass over the training cells, i.e. cutting the minibatches
 out of the CSR matrix and densifying them, forward, backward and optimiser step for each,
 and each trainer's own per-epoch bookkeeping; no validation (none of the three runs one).
-pyrovae: its ``history["seconds"]``. reference: the same span of its loop. scvi: a
-Lightning callback, from one ``on_train_epoch_start`` to the next (to ``on_train_end`` for
-the last epoch), so Lightning's per-step logging and epoch-end hooks are inside. The
-first epoch is a warm-up and left out; a run's figure is the median over epochs 2..E
-(robust to bursts of load from other processes on a shared machine; the mean is printed
-too), the table shows the median over repeats and the ratio of pyrovae to each
-contender computed per repeat (pairs run back to back) and then its median. The wall
+The clock is read the same way for all three, at the start of every epoch and once when
+training ends: pyrovae through a stand-in for the (disabled) ``tqdm`` bar its training loop
+iterates over (its own ``history["seconds"]`` is kept in the JSON and agrees); the
+reference in its loop; scvi by a Lightning callback (``on_train_epoch_start``,
+``on_train_end``), so Lightning's per-step logging and epoch-end hooks are inside. Two
+clocks: wall time (``time.perf_counter``) and the process's CPU time
+(``time.process_time``, all threads). On a shared machine the CPU time is the steadier
+figure, since it does not count time spent descheduled; with 2 threads it also counts
+OpenMP workers spinning. The first epoch is a warm-up and left out; a run's figure is the
+median over epochs 2..E (robust to bursts of load from other processes; the wall-clock
+mean is printed too); the table shows the median over repeats, and the ratio of pyrovae
+to each contender computed per repeat (runs back to back) and then its median. The wall
 time of each whole training call (set-up included) is printed too.
 
 Held-out ELBO per cell (nats, higher is better), after the same E epochs: pyrovae
@@ -45,23 +54,28 @@ time per cell relative to the smallest size's (1.00 = linear).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import json
+import logging
 import os
 import platform
 import resource
 import sys
 import time
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
+import pyro
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import pyrovae  # noqa: E402
 from benchmarks import data as bench_data  # noqa: E402
+from benchmarks.fused_zinb import FUSED_ZINB  # noqa: E402
 from benchmarks.reference_vae import ReferenceVAE, evaluate_elbo, train_reference  # noqa: E402
 
 HELD_OUT = 0.1
@@ -72,18 +86,26 @@ class Run:
     contender: str
     repeat: int
     epoch_seconds: list[float]
+    epoch_cpu_seconds: list[float]
     wall_seconds: float
     held_out_elbo: float = float("nan")
     threads: int = 0
     extra: dict = field(default_factory=dict)
 
-    @property
-    def seconds_per_epoch(self) -> float:
+    @staticmethod
+    def _per_epoch(s) -> float:
         """Median over epochs 2..E (the first is a warm-up; the median, not the mean, so
         that a burst of load from other processes on the shared machine does not decide
         it); the only epoch when E = 1."""
-        s = self.epoch_seconds
-        return float(np.median(s[1:] if len(s) > 1 else s))
+        return float(np.median(s[1:] if len(s) > 1 else s)) if len(s) else float("nan")
+
+    @property
+    def seconds_per_epoch(self) -> float:
+        return self._per_epoch(self.epoch_seconds)
+
+    @property
+    def cpu_seconds_per_epoch(self) -> float:
+        return self._per_epoch(self.epoch_cpu_seconds)
 
     @property
     def mean_seconds_per_epoch(self) -> float:
@@ -91,30 +113,91 @@ class Run:
         return float(np.mean(s[1:] if len(s) > 1 else s))
 
 
+class Clock:
+    """Wall-clock and process CPU time at each epoch's start and at the end of training."""
+
+    def __init__(self):
+        self.wall, self.cpu = [], []
+
+    def mark(self) -> None:
+        self.wall.append(time.perf_counter())
+        self.cpu.append(time.process_time())
+
+    def epochs(self) -> tuple[list[float], list[float]]:
+        return np.diff(self.wall).tolist(), np.diff(self.cpu).tolist()
+
+
+class _EpochClockBar:
+    """Stands in for ``tqdm`` inside ``pyrovae.train`` during a benchmark run (its bar is
+    disabled anyway): marks the clock as each epoch starts and when training closes the bar."""
+
+    clock: Clock | None = None
+
+    def __init__(self, iterable, *args, **kwargs):
+        self.iterable = iterable
+
+    def __iter__(self):
+        for item in self.iterable:
+            self.clock.mark()
+            yield item
+
+    def set_postfix(self, *args, **kwargs):
+        pass
+
+    def set_description(self, *args, **kwargs):
+        pass
+
+    def close(self):
+        self.clock.mark()
+
+
 # ---------------------------------------------------------------------------- contenders
-def run_pyrovae(train, test, epochs: int, seed: int) -> Run:
-    model = pyrovae.VAE(train.var_names, seed=seed)
+def run_pyrovae(train, test, epochs: int, seed: int, variant: str = "pyrovae") -> Run:
+    import pyrovae.train as pyrovae_train
+
+    fused = variant == "pyrovae-fused"
+    model = pyrovae.VAE(train.var_names, seed=seed, likelihood=FUSED_ZINB if fused else "zinb")
+    clock = Clock()
+    hooked = hasattr(pyrovae_train, "tqdm")
+    if hooked:
+        _EpochClockBar.clock = clock
+        saved, pyrovae_train.tqdm = pyrovae_train.tqdm, _EpochClockBar
     start = time.perf_counter()
-    model.train(
-        train, max_epochs=epochs, early_stopping=False, validation_fraction=0.0,
-        progress=False, seed=seed, device="cpu",
-    )
+    try:
+        with pyro.validation_enabled(False) if fused else contextlib.nullcontext():
+            model.train(
+                train, max_epochs=epochs, early_stopping=False, validation_fraction=0.0,
+                progress=False, seed=seed, device="cpu",
+            )
+    finally:
+        if hooked:
+            pyrovae_train.tqdm = saved
     wall = time.perf_counter() - start
     elbo = float(model.elbo(test)["elbo"].mean()) if test is not None else float("nan")
-    return Run("pyrovae", seed, model.history["seconds"].tolist(), wall, elbo,
-               extra={"final_train_elbo": float(model.history["train_elbo"].iloc[-1])})
+    history_seconds = model.history["seconds"].tolist()
+    if len(clock.wall) == epochs + 1:
+        epoch_wall, epoch_cpu = clock.epochs()
+    else:  # pyrovae's loop changed: fall back on its own per-epoch times (wall clock only)
+        epoch_wall, epoch_cpu = history_seconds, []
+    return Run(variant, seed, epoch_wall, epoch_cpu, wall, elbo,
+               extra={"final_train_elbo": float(model.history["train_elbo"].iloc[-1]),
+                      "history_seconds": history_seconds})
 
 
 def run_reference(train, test, epochs: int, seed: int) -> Run:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)  # same initial weights as pyrovae.VAE(seed=seed)
         model = ReferenceVAE(train.n_vars)
+    clock = Clock()
     start = time.perf_counter()
-    history = train_reference(model, train.X, max_epochs=epochs, seed=seed)
+    history = train_reference(model, train.X, max_epochs=epochs, seed=seed, on_epoch_start=clock.mark)
+    clock.mark()
     wall = time.perf_counter() - start
     elbo = float(evaluate_elbo(model, test.X).mean()) if test is not None else float("nan")
-    return Run("reference", seed, history["seconds"].tolist(), wall, elbo,
-               extra={"final_train_elbo": float(history["train_elbo"].iloc[-1])})
+    epoch_wall, epoch_cpu = clock.epochs()
+    return Run("reference", seed, epoch_wall, epoch_cpu, wall, elbo,
+               extra={"final_train_elbo": float(history["train_elbo"].iloc[-1]),
+                      "history_seconds": history["seconds"].tolist()})
 
 
 def run_scvi(train, test, epochs: int, seed: int, kl_warmup: int | None = None) -> Run:
@@ -123,15 +206,18 @@ def run_scvi(train, test, epochs: int, seed: int, kl_warmup: int | None = None) 
 
     class EpochTimer(Callback):
         def __init__(self):
-            self.starts, self.end = [], None
+            self.clock = Clock()
 
         def on_train_epoch_start(self, trainer, pl_module):
-            self.starts.append(time.perf_counter())
+            self.clock.mark()
 
         def on_train_end(self, trainer, pl_module):
-            self.end = time.perf_counter()
+            self.clock.mark()
 
     threads = torch.get_num_threads()
+    for name in ("lightning.pytorch", "lightning.fabric", "lightning"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore", message=".*treespec.*")
     scvi.settings.seed = seed
     scvi.settings.verbosity = 0
     train = train.copy()
@@ -147,14 +233,13 @@ def run_scvi(train, test, epochs: int, seed: int, kl_warmup: int | None = None) 
     )
     wall = time.perf_counter() - start
     torch.set_num_threads(threads)  # in case anything changed it
-    marks = timer.starts + [timer.end]
-    epoch_seconds = np.diff(marks).tolist()
+    epoch_wall, epoch_cpu = timer.clock.epochs()
     elbo = float("nan")
     if test is not None:
         test = test.copy()
         scvi.model.SCVI.setup_anndata(test)
         elbo = float(model.get_elbo(test))
-    return Run("scvi", seed, epoch_seconds, wall, elbo)
+    return Run("scvi", seed, epoch_wall, epoch_cpu, wall, elbo)
 
 
 def scvi_available() -> bool:
@@ -187,8 +272,9 @@ def compare(name: str, adata, contenders: dict, epochs: int, repeats: int, threa
             run.threads = torch.get_num_threads()
             run.extra["load_average_1min"] = os.getloadavg()[0]
             runs.append(run)
-            print(f"  repeat {r} {contender:9s} {run.seconds_per_epoch:8.3f} s/epoch "
-                  f"(mean {run.mean_seconds_per_epoch:.3f}; first epoch {run.epoch_seconds[0]:.3f} s; "
+            print(f"  repeat {r} {contender:9s} {run.seconds_per_epoch:8.3f} s/epoch, CPU "
+                  f"{run.cpu_seconds_per_epoch:.3f} s (wall mean {run.mean_seconds_per_epoch:.3f}; "
+                  f"first epoch {run.epoch_seconds[0]:.3f} s; "
                   f"whole train call {run.wall_seconds:.1f} s) held-out ELBO {run.held_out_elbo:9.2f}  "
                   f"[load {run.extra['load_average_1min']:.1f}]", flush=True)
     summary = summarise(runs, names)
@@ -202,40 +288,43 @@ def summarise(runs: list[Run], names: list[str]) -> dict:
     by = {n: [r for r in runs if r.contender == n] for n in names}
     out = {}
     for n, rs in by.items():
-        spe = [r.seconds_per_epoch for r in rs]
         elbo = [r.held_out_elbo for r in rs]
-        out[n] = {
-            "seconds_per_epoch_median": float(np.median(spe)),
-            "seconds_per_epoch_min": float(np.min(spe)),
-            "seconds_per_epoch_max": float(np.max(spe)),
-            "held_out_elbo_mean": float(np.mean(elbo)),
-            "held_out_elbo_sd": float(np.std(elbo)),
-        }
-    if "pyrovae" in by:
-        for n in names:
-            if n == "pyrovae":
-                continue
-            paired = [p.seconds_per_epoch / o.seconds_per_epoch
-                      for p, o in zip(by["pyrovae"], by[n])]
-            out[f"pyrovae/{n}"] = {"median": float(np.median(paired)),
-                                   "min": float(np.min(paired)), "max": float(np.max(paired))}
+        out[n] = {"held_out_elbo_mean": float(np.mean(elbo)), "held_out_elbo_sd": float(np.std(elbo))}
+        for key, attr in (("seconds_per_epoch", "seconds_per_epoch"),
+                          ("cpu_seconds_per_epoch", "cpu_seconds_per_epoch")):
+            v = [getattr(r, attr) for r in rs]
+            out[n].update({f"{key}_median": float(np.median(v)), f"{key}_min": float(np.min(v)),
+                           f"{key}_max": float(np.max(v))})
+    for mine in [n for n in names if n.startswith("pyrovae")]:
+        for n in [n for n in names if not n.startswith("pyrovae")]:
+            ratio = out[f"{mine}/{n}"] = {}
+            for key, attr in (("wall", "seconds_per_epoch"), ("cpu", "cpu_seconds_per_epoch")):
+                paired = [getattr(p, attr) / getattr(o, attr) for p, o in zip(by[mine], by[n])]
+                ratio.update({f"{key}_median": float(np.median(paired)),
+                              f"{key}_min": float(np.min(paired)),
+                              f"{key}_max": float(np.max(paired))})
     return out
 
 
 def print_table(name: str, summary: dict, epochs: int) -> None:
-    print(f"\n{name}: seconds per epoch (median of epochs 2..{epochs}; median [min, max] over repeats), "
-          f"held-out ELBO per cell after {epochs} epochs (mean ± sd over repeats)")
-    print(f"{'contender':12s} {'s/epoch':>9s} {'range':>19s} {'held-out ELBO':>20s}")
+    print(f"\n{name}: per epoch, the median of epochs 2..{epochs}, then the median [min, max] over "
+          f"repeats, wall clock and process CPU time; held-out ELBO per cell after {epochs} epochs "
+          "(mean ± sd over repeats)")
+    print(f"{'contender':14s} {'wall s/epoch':>12s} {'range':>17s} {'CPU s/epoch':>12s} "
+          f"{'range':>17s} {'held-out ELBO':>20s}")
     for n, s in summary.items():
         if "/" in n:
             continue
-        rng = f"[{s['seconds_per_epoch_min']:.3f}, {s['seconds_per_epoch_max']:.3f}]"
-        print(f"{n:12s} {s['seconds_per_epoch_median']:9.3f} {rng:>19s} "
+        wr = f"[{s['seconds_per_epoch_min']:.3f}, {s['seconds_per_epoch_max']:.3f}]"
+        cr = f"[{s['cpu_seconds_per_epoch_min']:.3f}, {s['cpu_seconds_per_epoch_max']:.3f}]"
+        print(f"{n:14s} {s['seconds_per_epoch_median']:12.3f} {wr:>17s} "
+              f"{s['cpu_seconds_per_epoch_median']:12.3f} {cr:>17s} "
               f"{s['held_out_elbo_mean']:12.2f} ± {s['held_out_elbo_sd']:.2f}")
     for n, s in summary.items():
         if "/" in n:
-            print(f"{n + ' time per epoch':34s} {s['median']:.3f} (paired per repeat; "
-                  f"range {s['min']:.3f}-{s['max']:.3f})")
+            print(f"{n + ' time per epoch':40s} wall {s['wall_median']:.3f} "
+                  f"[{s['wall_min']:.3f}, {s['wall_max']:.3f}], CPU {s['cpu_median']:.3f} "
+                  f"[{s['cpu_min']:.3f}, {s['cpu_max']:.3f}]  (ratios paired per repeat)")
     sys.stdout.flush()
 
 
@@ -262,18 +351,23 @@ def scaling(sizes: list[int], n_genes: int, epochs: int, threads: int, contender
             run = contenders[contender](adata, None, epochs, 0)
             s = run.epoch_seconds[-1]
             rows.append({"n_cells": n, "contender": contender, "seconds_per_epoch": s,
-                         "epoch_seconds": run.epoch_seconds, "wall_seconds": run.wall_seconds,
+                         "cpu_seconds_per_epoch": run.epoch_cpu_seconds[-1] if run.epoch_cpu_seconds else float("nan"),
+                         "epoch_seconds": run.epoch_seconds, "epoch_cpu_seconds": run.epoch_cpu_seconds,
+                         "wall_seconds": run.wall_seconds,
                          "us_per_cell": s / n * 1e6, "simulate_seconds": made,
                          "peak_rss_gib": max_rss_gib()})
             rows[-1]["load_average_1min"] = os.getloadavg()[0]
-            print(f"  {contender:9s} {s:9.2f} s/epoch  {s / n * 1e6:7.1f} us/cell  "
+            print(f"  {contender:9s} {s:9.2f} s/epoch (CPU {rows[-1]['cpu_seconds_per_epoch']:.2f} s)  "
+                  f"{s / n * 1e6:7.1f} us/cell  "
                   f"(whole train call {run.wall_seconds:.1f} s; peak RSS {max_rss_gib():.1f} GiB) "
                   f"[load {os.getloadavg()[0]:.1f}]", flush=True)
         del adata
     print(f"\nscaling: seconds per epoch ({'last of ' + str(epochs) if epochs > 1 else 'one'} epoch), "
           f"us per cell, and per-cell time relative to {sizes[0]:,} cells (1.00 = linear)")
-    print(f"{'cells':>10s} " + " ".join(f"{c + ' s/epoch':>18s} {'us/cell':>8s} {'rel':>5s}" for c in names)
-          + "  pyrovae/reference")
+    mine = [c for c in names if c.startswith("pyrovae")]
+    ratio_names = [f"{c}/reference" for c in mine] if "reference" in names else []
+    print(f"{'cells':>10s} " + " ".join(f"{c + ' s/epoch':>22s} {'us/cell':>8s} {'rel':>5s}" for c in names)
+          + "".join(f" {r:>24s}" for r in ratio_names))
     base = {c: next(r["us_per_cell"] for r in rows if r["contender"] == c and r["n_cells"] == sizes[0])
             for c in names}
     for n in sizes:
@@ -282,10 +376,10 @@ def scaling(sizes: list[int], n_genes: int, epochs: int, threads: int, contender
         for c in names:
             r = next(r for r in rows if r["contender"] == c and r["n_cells"] == n)
             per[c] = r["seconds_per_epoch"]
-            cells.append(f"{r['seconds_per_epoch']:18.2f} {r['us_per_cell']:8.1f} "
+            cells.append(f"{r['seconds_per_epoch']:22.2f} {r['us_per_cell']:8.1f} "
                          f"{r['us_per_cell'] / base[c]:5.2f}")
-        ratio = per["pyrovae"] / per["reference"] if {"pyrovae", "reference"} <= per.keys() else float("nan")
-        print(f"{n:10,d} " + " ".join(cells) + f"  {ratio:17.3f}")
+        ratios = [per[c] / per["reference"] for c in mine] if ratio_names else []
+        print(f"{n:10,d} " + " ".join(cells) + "".join(f" {v:24.3f}" for v in ratios))
     return {"mode": "scaling", "n_genes": n_genes, "epochs": epochs, "threads": threads, "rows": rows}
 
 
@@ -300,7 +394,11 @@ def main(argv=None) -> dict:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--contenders", nargs="+", default=["pyrovae", "reference", "scvi"],
-                        choices=["pyrovae", "reference", "scvi"])
+                        choices=["pyrovae", "reference", "scvi", "pyrovae-fused"],
+                        help="pyrovae-fused: pyrovae through its public API with the fused ZINB "
+                             "likelihood of benchmarks/fused_zinb.py, trained inside "
+                             "pyro.validation_enabled(False) (what the profile's first two "
+                             "recommendations would give)")
     parser.add_argument("--scvi-kl-warmup", type=int, default=None,
                         help="SCVI's n_epochs_kl_warmup (default: scvi-tools' own, 400)")
     parser.add_argument("--scaling", type=int, nargs="+", metavar="N_CELLS",
@@ -313,7 +411,8 @@ def main(argv=None) -> dict:
     print(f"python {platform.python_version()}, torch {torch.__version__}, pyro "
           f"{__import__('pyro').__version__}, pyrovae {pyrovae.__version__}, "
           f"torch threads {torch.get_num_threads()}, {platform.machine()}", flush=True)
-    available = {"pyrovae": run_pyrovae, "reference": run_reference}
+    available = {"pyrovae": run_pyrovae, "reference": run_reference,
+                 "pyrovae-fused": lambda tr, te, e, s: run_pyrovae(tr, te, e, s, "pyrovae-fused")}
     if "scvi" in args.contenders:
         if scvi_available():
             import scvi

@@ -204,3 +204,15 @@ def test_speed_scaling_mode_runs(capsys, keep_threads):
                          "--contenders", "pyrovae", "reference", "--threads", "1"])
     assert len(result["rows"]) == 4
     assert "1.00 = linear" in capsys.readouterr().out
+
+
+def test_fused_zinb_equals_pyrovae_zinb_and_samples():
+    from benchmarks.fused_zinb import FUSED_ZINB
+
+    x, rho, library, log_theta, gate_logits = _random_zinb_inputs(torch.float64, seed=2)
+    heads, genes = {"rho": rho, "gate_logits": gate_logits}, {"log_theta": log_theta}
+    fused = FUSED_ZINB(heads, genes, library)
+    expected = get_likelihood("zinb")(heads, genes, library)
+    torch.testing.assert_close(fused.log_prob(x), expected.log_prob(x), rtol=1e-10, atol=1e-9)
+    assert fused.sample((2,)).shape == (2, *x.shape)
+    torch.testing.assert_close(fused.mean, expected.mean)
