@@ -1,0 +1,218 @@
+"""The benchmark helpers: the reference VAE computes pyrovae's quantities, the loaders load."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from pyro.infer import TraceMeanField_ELBO
+
+import pyrovae
+from benchmarks import data as bench_data
+from benchmarks.reference_vae import (
+    ReferenceVAE,
+    evaluate_elbo,
+    train_reference,
+    zinb_log_prob,
+)
+from pyrovae.likelihoods import get_likelihood
+from pyrovae.train import seeded
+
+
+def _random_zinb_inputs(dtype, seed=0, cells=64, genes=300, log_theta_range=(-4.0, 8.0)):
+    g = torch.Generator().manual_seed(seed)
+    logits = 3 * torch.randn(cells, genes, generator=g, dtype=torch.float64)
+    rho = logits.softmax(-1)
+    library = torch.exp(torch.empty(cells, 1, dtype=torch.float64).uniform_(2, 10, generator=g))
+    log_theta = torch.empty(genes, dtype=torch.float64).uniform_(*log_theta_range, generator=g)
+    gate_logits = 4 * torch.randn(cells, genes, generator=g, dtype=torch.float64)
+    # counts near the mean, and many zeros
+    mu = library * rho
+    x = torch.poisson(mu * torch.empty_like(mu).uniform_(0, 3, generator=g), generator=g)
+    x[torch.rand(x.shape, generator=g, dtype=torch.float64) < 0.3] = 0
+    return [t.to(dtype) for t in (x, rho, library, log_theta, gate_logits)]
+
+
+def _both_zinb(dtype, **kwargs):
+    x, rho, library, log_theta, gate_logits = _random_zinb_inputs(dtype, **kwargs)
+    assert (x == 0).any() and (x > 100).any()
+    pyro_lp = get_likelihood("zinb")(
+        {"rho": rho, "gate_logits": gate_logits}, {"log_theta": log_theta}, library
+    ).log_prob(x)
+    reference_lp = zinb_log_prob(x, torch.log(library) + torch.log(rho), log_theta, gate_logits)
+    assert reference_lp.shape == pyro_lp.shape == x.shape
+    return pyro_lp, reference_lp
+
+
+def test_reference_zinb_equals_pyrovae_zinb_float64():
+    pyro_lp, reference_lp = _both_zinb(torch.float64)
+    torch.testing.assert_close(reference_lp, pyro_lp, rtol=1e-10, atol=1e-9)
+
+
+@pytest.mark.parametrize("log_theta_range", [(-2.0, 4.0), (-4.0, 8.0)])
+def test_reference_zinb_equals_pyrovae_zinb_float32(log_theta_range):
+    # in float32 both formulas lose up to ~0.02 nats where x is in the thousands or theta
+    # in the thousands (lgamma(x + theta) - lgamma(theta) cancels): both stay that close to
+    # the float64 value, and agree closely with each other at moderate counts and theta
+    kwargs = dict(log_theta_range=log_theta_range)
+    x = _random_zinb_inputs(torch.float32, **kwargs)[0]
+    truth, _ = _both_zinb(torch.float64, **kwargs)
+    pyro_lp, reference_lp = _both_zinb(torch.float32, **kwargs)
+    for lp in (pyro_lp, reference_lp):
+        torch.testing.assert_close(lp.double(), truth, rtol=1e-4, atol=3e-2)
+    if log_theta_range[1] <= 4.0:  # theta up to 55, as fitted on real data
+        moderate = x <= 100
+        torch.testing.assert_close(
+            reference_lp[moderate], pyro_lp[moderate], rtol=1e-5, atol=2e-4
+        )
+
+
+def test_reference_zinb_gradients_equal_pyrovae_zinb():
+    x, rho, library, log_theta, gate_logits = _random_zinb_inputs(torch.float64, seed=1)
+    grads = []
+    for fn in ("pyrovae", "reference"):
+        params = [t.clone().requires_grad_() for t in (rho.log(), log_theta, gate_logits)]
+        log_rho, lt, gl = params
+        if fn == "pyrovae":
+            lp = get_likelihood("zinb")(
+                {"rho": log_rho.exp(), "gate_logits": gl}, {"log_theta": lt}, library
+            ).log_prob(x)
+        else:
+            lp = zinb_log_prob(x, torch.log(library) + log_rho, lt, gl)
+        lp.sum().backward()
+        grads.append([p.grad for p in params])
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, rtol=1e-8, atol=1e-8)
+
+
+def _copy_pyrovae_weights(module, reference: ReferenceVAE) -> None:
+    """Load a pyrovae ``VAEModule``'s default ZINB weights into the reference."""
+    state = module.state_dict()
+    names = {
+        "decoder_body.": "model.decoder.body.",
+        "rho.": "model.decoder.heads.rho.",
+        "gate_logits.": "model.decoder.heads.gate_logits.",
+        "log_theta": "model.gene_params.log_theta",
+        "encoder_body.": "guide.encoder.body.",
+        "loc.": "guide.encoder.loc.",
+        "scale.": "guide.encoder.scale.",
+    }
+    out = {}
+    for key in reference.state_dict():
+        prefix = next(p for p in names if key.startswith(p))
+        out[key] = state[names[prefix] + key[len(prefix):]]
+    reference.load_state_dict(out)
+
+
+def test_reference_loss_and_gradients_equal_pyrovae_loss():
+    adata = pyrovae.datasets.simulate(200, 50, seed=3)
+    model = pyrovae.VAE(adata.var_names, seed=0)
+    reference = ReferenceVAE(adata.n_vars)
+    _copy_pyrovae_weights(model.module, reference)
+    x = torch.from_numpy(adata.X[:64].toarray())
+    library = x.sum(-1, keepdim=True)
+    n_obs, kl_weight = 200, 0.3
+    model.module.train()
+    reference.train()
+    with seeded(5, torch.device("cpu")):
+        loss_fn = TraceMeanField_ELBO()(model.module.model, model.module.guide)
+        expected = loss_fn(x, library, torch.arange(64), n_obs, kl_weight)
+    with seeded(5, torch.device("cpu")):
+        got = reference(x, n_obs, kl_weight)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-3)
+    expected.backward()
+    got.backward()
+    g_pyro = {k: p.grad for k, p in model.module.named_parameters()}
+    torch.testing.assert_close(
+        reference.log_theta.grad, g_pyro["model.gene_params.log_theta"], rtol=1e-4, atol=1e-2
+    )
+    torch.testing.assert_close(
+        reference.encoder_body[0].weight.grad, g_pyro["guide.encoder.body.0.weight"],
+        rtol=1e-4, atol=1e-2,
+    )
+
+
+def test_reference_same_initial_weights_as_pyrovae_under_one_seed():
+    model = pyrovae.VAE([f"g{i}" for i in range(30)], seed=7)
+    with seeded(7, torch.device("cpu")):
+        reference = ReferenceVAE(30)
+    copied = ReferenceVAE(30)
+    _copy_pyrovae_weights(model.module, copied)
+    for (name, a), b in zip(reference.state_dict().items(), copied.state_dict().values()):
+        torch.testing.assert_close(a, b, msg=name)
+
+
+def test_reference_trains_and_evaluates_like_pyrovae():
+    adata = pyrovae.datasets.simulate(300, 40, seed=1)
+    with seeded(0, torch.device("cpu")):
+        reference = ReferenceVAE(adata.n_vars)
+    history = train_reference(reference, adata.X, max_epochs=3, seed=0)
+    model = pyrovae.VAE(adata.var_names, seed=0).train(
+        adata, max_epochs=3, validation_fraction=0.0, early_stopping=False, progress=False,
+        seed=0, device="cpu",
+    )
+    # same weights, batches, draws and dropout masks: the two runs track each other
+    np.testing.assert_allclose(history["train_elbo"], model.history["train_elbo"], rtol=1e-4)
+    got = evaluate_elbo(reference, adata.X)
+    expected = model.elbo(adata)["elbo"].to_numpy()
+    np.testing.assert_allclose(got, expected, rtol=1e-3)
+
+
+def test_simulated_loader():
+    adata = bench_data.load("simulated:50x20")
+    assert adata.shape == (50, 20) and adata.X.dtype == np.float32
+
+
+@pytest.mark.skipif(not bench_data.BLADDER_PATH.exists(), reason="shared bladder data absent")
+def test_bladder_loader():
+    pytest.importorskip("skmisc")
+    adata = bench_data.bladder()
+    assert adata.n_vars == 2000 and adata.n_obs > 2000
+    assert "cell_type" in adata.obs
+    assert np.asarray(adata.X.sum(1)).min() > 0
+
+
+def test_bladder_absent_is_none(tmp_path, capsys):
+    assert bench_data.bladder(path=tmp_path / "missing.h5ad") is None
+    assert "skipping" in capsys.readouterr().out
+
+
+@pytest.fixture
+def keep_threads():
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_speed_benchmark_runs(capsys, keep_threads):
+    from benchmarks import speed
+
+    result = speed.main(["--data", "simulated:120x30", "--epochs", "2", "--repeats", "2",
+                         "--contenders", "pyrovae", "reference", "--threads", "1"])
+    summary = result["data"][0]["summary"]
+    assert set(summary) == {"pyrovae", "reference", "pyrovae/reference"}
+    # same start, batches and draws: the same held-out ELBO
+    assert summary["pyrovae"]["held_out_elbo_mean"] == pytest.approx(
+        summary["reference"]["held_out_elbo_mean"], rel=1e-3)
+    assert "pyrovae/reference time per epoch" in capsys.readouterr().out
+
+
+def test_speed_scaling_mode_runs(capsys, keep_threads):
+    from benchmarks import speed
+
+    result = speed.main(["--scaling", "100", "200", "--genes", "20", "--epochs", "1",
+                         "--contenders", "pyrovae", "reference", "--threads", "1"])
+    assert len(result["rows"]) == 4
+    assert "1.00 = linear" in capsys.readouterr().out
+
+
+def test_fused_zinb_equals_pyrovae_zinb_and_samples():
+    from benchmarks.fused_zinb import FUSED_ZINB
+
+    x, rho, library, log_theta, gate_logits = _random_zinb_inputs(torch.float64, seed=2)
+    heads, genes = {"rho": rho, "gate_logits": gate_logits}, {"log_theta": log_theta}
+    fused = FUSED_ZINB(heads, genes, library)
+    expected = get_likelihood("zinb")(heads, genes, library)
+    torch.testing.assert_close(fused.log_prob(x), expected.log_prob(x), rtol=1e-10, atol=1e-9)
+    assert fused.sample((2,)).shape == (2, *x.shape)
+    torch.testing.assert_close(fused.mean, expected.mean)
