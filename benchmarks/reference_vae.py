@@ -90,7 +90,14 @@ class ReferenceVAE(nn.Module):
 
     def __init__(self, n_genes: int, n_latent: int = 10, n_hidden: int = 128, dropout: float = 0.1):
         super().__init__()
-        # creation order = pyrovae's VAEModule: model (decoder, gene parameters), then guide
+        # creation order = pyrovae's VAEModule: guide (encoder), then model (decoder, gene
+        # parameters), so that one seed gives both the same initial weights
+        self.encoder_body = nn.Sequential(
+            nn.Linear(n_genes, n_hidden), nn.BatchNorm1d(n_hidden, momentum=0.01, eps=1e-3),
+            nn.ReLU(), nn.Dropout(dropout),
+        )
+        self.loc = nn.Linear(n_hidden, n_latent)
+        self.scale = nn.Linear(n_hidden, n_latent)
         self.decoder_body = nn.Sequential(
             nn.Linear(n_latent, n_hidden), nn.BatchNorm1d(n_hidden, momentum=0.01, eps=1e-3),
             nn.ReLU(),
@@ -98,12 +105,6 @@ class ReferenceVAE(nn.Module):
         self.rho = nn.Linear(n_hidden, n_genes)
         self.gate_logits = nn.Linear(n_hidden, n_genes)
         self.log_theta = nn.Parameter(torch.zeros(n_genes))
-        self.encoder_body = nn.Sequential(
-            nn.Linear(n_genes, n_hidden), nn.BatchNorm1d(n_hidden, momentum=0.01, eps=1e-3),
-            nn.ReLU(), nn.Dropout(dropout),
-        )
-        self.loc = nn.Linear(n_hidden, n_latent)
-        self.scale = nn.Linear(n_hidden, n_latent)
 
     def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``(loc, scale)`` of ``q(z | x)``."""
@@ -168,7 +169,8 @@ def train_reference(
     rng = np.random.default_rng(seed)
     rng.permutation(n_obs)  # pyrovae draws its validation split first; keep the same stream
     train_idx = np.arange(n_obs)
-    optimizer = torch.optim.Adam(model.parameters(), lr=lr, weight_decay=weight_decay, eps=0.01)
+    optimizer = torch.optim.Adam(model.parameters(), lr=lr, weight_decay=weight_decay, eps=0.01,
+                                 fused=True)  # as pyrovae.train.adam
     rows = []
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)

@@ -15,10 +15,6 @@ none always runs first), repeat ``r`` with seed ``r`` for all.
   128 hidden, latent 10, Adam lr 1e-3, KL warm-up over 50 epochs).
 - ``reference``: ``benchmarks/reference_vae.py``, the same network, loss, optimiser,
   minibatching and KL warm-up in plain PyTorch.
-- ``pyrovae-fused`` (only when asked for): the same call with
-  ``likelihood=benchmarks.fused_zinb.FUSED_ZINB`` (a ``pyro.distributions`` class whose
-  ``log_prob`` is the reference's expression), inside ``pyro.validation_enabled(False)``:
-  what two changes to pyrovae's training path would give, measured without changing it.
 - ``scvi``: ``scvi.model.SCVI(train)`` with its defaults (ZINB, 128 hidden, latent 10, KL
   warm-up over 400 epochs), ``train(max_epochs=E, batch_size=128, train_size=1.0,
   early_stopping=False, enable_progress_bar=False)``; skipped when scvi-tools is not
@@ -46,8 +42,7 @@ Held-out ELBO per cell (nats, higher is better), after the same E epochs: pyrova
 ``evaluate_elbo`` (the same computation), scvi ``model.get_elbo(test)`` (one draw).
 
 Scaling mode (``--scaling N ...``): simulated ZINB counts, ``pyrovae.datasets.simulate(N,
-2000)``, all cells trained on; pyrovae and the reference (and ``pyrovae-fused`` when
-asked for), one after the other for each size (order rotating), seconds per epoch (the
+2000)``, all cells trained on; pyrovae and the reference, one after the other for each size (order rotating), seconds per epoch (the
 last epoch when E > 1, else the only one), wall clock and CPU, CPU microseconds per cell,
 and each size's CPU time per cell relative to the smallest size's (1.00 = linear). Every
 contender first trains one epoch on 1,000 simulated cells, so that one-time costs (first
@@ -79,7 +74,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import pyrovae  # noqa: E402
 from benchmarks import data as bench_data  # noqa: E402
-from benchmarks.fused_zinb import FUSED_ZINB  # noqa: E402
 from benchmarks.reference_vae import ReferenceVAE, evaluate_elbo, train_reference  # noqa: E402
 
 HELD_OUT = 0.1
@@ -156,11 +150,10 @@ class _EpochClockBar:
 
 
 # ---------------------------------------------------------------------------- contenders
-def run_pyrovae(train, test, epochs: int, seed: int, variant: str = "pyrovae") -> Run:
+def run_pyrovae(train, test, epochs: int, seed: int) -> Run:
     import pyrovae.train as pyrovae_train
 
-    fused = variant == "pyrovae-fused"
-    model = pyrovae.VAE(train.var_names, seed=seed, likelihood=FUSED_ZINB if fused else "zinb")
+    model = pyrovae.VAE(train.var_names, seed=seed, likelihood="zinb")
     clock = Clock()
     hooked = hasattr(pyrovae_train, "tqdm")
     if hooked:
@@ -168,11 +161,10 @@ def run_pyrovae(train, test, epochs: int, seed: int, variant: str = "pyrovae") -
         saved, pyrovae_train.tqdm = pyrovae_train.tqdm, _EpochClockBar
     start = time.perf_counter()
     try:
-        with pyro.validation_enabled(False) if fused else contextlib.nullcontext():
-            model.train(
-                train, max_epochs=epochs, early_stopping=False, validation_fraction=0.0,
-                progress=False, seed=seed, device="cpu",
-            )
+        model.train(
+            train, max_epochs=epochs, early_stopping=False, validation_fraction=0.0,
+            progress=False, seed=seed, device="cpu",
+        )
     finally:
         if hooked:
             pyrovae_train.tqdm = saved
@@ -183,7 +175,7 @@ def run_pyrovae(train, test, epochs: int, seed: int, variant: str = "pyrovae") -
         epoch_wall, epoch_cpu = clock.epochs()
     else:  # pyrovae's loop changed: fall back on its own per-epoch times (wall clock only)
         epoch_wall, epoch_cpu = history_seconds, []
-    return Run(variant, seed, epoch_wall, epoch_cpu, wall, elbo,
+    return Run("pyrovae", seed, epoch_wall, epoch_cpu, wall, elbo,
                extra={"final_train_elbo": float(model.history["train_elbo"].iloc[-1]),
                       "history_seconds": history_seconds})
 
@@ -411,11 +403,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--contenders", nargs="+", default=["pyrovae", "reference", "scvi"],
-                        choices=["pyrovae", "reference", "scvi", "pyrovae-fused"],
-                        help="pyrovae-fused: pyrovae through its public API with the fused ZINB "
-                             "likelihood of benchmarks/fused_zinb.py, trained inside "
-                             "pyro.validation_enabled(False) (what the profile's first two "
-                             "recommendations would give)")
+                        choices=["pyrovae", "reference", "scvi"])
     parser.add_argument("--scvi-kl-warmup", type=int, default=None,
                         help="SCVI's n_epochs_kl_warmup (default: scvi-tools' own, 400)")
     parser.add_argument("--scaling", type=int, nargs="+", metavar="N_CELLS",
@@ -432,8 +420,7 @@ def main(argv=None) -> dict:
     print(f"python {platform.python_version()}, torch {torch.__version__}, pyro "
           f"{__import__('pyro').__version__}, pyrovae {pyrovae.__version__}, "
           f"torch threads {torch.get_num_threads()}, {platform.machine()}", flush=True)
-    available = {"pyrovae": run_pyrovae, "reference": run_reference,
-                 "pyrovae-fused": lambda tr, te, e, s: run_pyrovae(tr, te, e, s, "pyrovae-fused")}
+    available = {"pyrovae": run_pyrovae, "reference": run_reference}
     if "scvi" in args.contenders:
         if scvi_available():
             import scvi

@@ -5,12 +5,14 @@ parameters and the cell's library size to a ``pyro.distributions`` object with b
 shape ``(cells, genes)``. The model calls the entry; it never branches on its name, so a
 new likelihood is one more ``@register_likelihood`` function::
 
-    @register_likelihood("poisson", heads={"rho": "softmax"})
-    def poisson(rho, *, library):
-        return dist.Poisson(library * rho)
+    @register_likelihood("poisson", heads={"log_rho": "log_softmax"})
+    def poisson(log_rho, *, library):
+        return dist.Poisson(library * log_rho.exp())
 
 Count likelihoods (``data="counts"``) put the mean at ``library * rho`` with
-``rho = softmax(decoder)`` over genes, and ``library`` the cell's observed total count.
+``rho = softmax(decoder)`` over genes, and ``library`` the cell's observed total count;
+they receive ``log_rho = log_softmax(decoder)``, so that the mean is handled in log space
+(``log_mu = log l + log_rho``) and a tiny ``rho`` never underflows to zero.
 """
 
 from __future__ import annotations
@@ -20,17 +22,21 @@ from typing import Callable, Literal, Mapping
 
 import pyro.distributions as dist
 import torch
+from pyro.distributions import constraints
+from pyro.distributions.util import broadcast_shape
 from torch.distributions import Distribution
+from torch.distributions.utils import lazy_property
+from torch.nn import functional as F
 
 __all__ = [
     "LIKELIHOODS",
     "Likelihood",
+    "NegativeBinomial2",
     "get_likelihood",
-    "negative_binomial",
     "register_likelihood",
 ]
 
-Activation = Literal["softmax", "identity"]
+Activation = Literal["softmax", "log_softmax", "identity"]
 DataKind = Literal["counts", "unit_interval", "real"]
 
 
@@ -47,7 +53,7 @@ class Likelihood:
         shape ``(cells, genes)``.
     heads
         Decoder outputs the distribution needs, with the activation the decoder applies:
-        ``"softmax"`` (over genes) or ``"identity"``.
+        ``"softmax"`` or ``"log_softmax"`` (over genes), or ``"identity"``.
     gene_params
         Per-gene parameters learned as point estimates, unconstrained (e.g. ``log_theta``),
         each initialised at zero.
@@ -86,7 +92,7 @@ class Likelihood:
         """Denoised expression: ``library_size * rho`` for counts (zero inflation left out,
         as in scVI), the distribution's mean for continuous data."""
         if self.is_count:
-            return library_size * heads["rho"]
+            return library_size * heads["log_rho"].exp()
         return self(heads, gene_params, library=None).mean
 
 
@@ -105,8 +111,8 @@ def register_likelihood(
     def decorator(fn: Callable[..., Distribution]) -> Callable[..., Distribution]:
         if name in LIKELIHOODS:
             raise ValueError(f"a likelihood named {name!r} is already registered")
-        if data == "counts" and heads.get("rho") != "softmax":
-            raise ValueError("a count likelihood needs a 'rho' head with a softmax activation")
+        if data == "counts" and heads.get("log_rho") != "log_softmax":
+            raise ValueError("a count likelihood needs a 'log_rho' head with a log_softmax activation")
         LIKELIHOODS[name] = Likelihood(
             name, fn, dict(heads), tuple(gene_params), data, fn.__doc__ or ""
         )
@@ -127,38 +133,96 @@ def get_likelihood(likelihood: str | Likelihood) -> Likelihood:
         ) from None
 
 
-def negative_binomial(mu: torch.Tensor, theta: torch.Tensor) -> dist.GammaPoisson:
-    """Negative binomial with mean ``mu`` and inverse dispersion ``theta``.
+class NegativeBinomial2(dist.GammaPoisson):
+    """Negative binomial with mean ``mu = exp(log_mu)`` and inverse dispersion
+    ``theta = exp(log_theta)``: ``GammaPoisson(theta, theta / mu)``, ``Var = mu + mu^2 / theta``.
 
-    ``Var = mu + mu**2 / theta``; the Gamma-Poisson mixture ``Poisson(Gamma(theta, theta / mu))``.
+    The Gamma-Poisson mixture it is, with a ``log_prob`` written out in log space (scVI's
+    formula, without its ``eps``)::
+
+        log NB(x) = lgamma(x + theta) - lgamma(theta) - lgamma(x + 1)
+                    - theta * softplus(d) + x * (d - softplus(d)),    d = log_mu - log_theta
+
+    It keeps float32 precision from tiny means to huge ``theta`` and, with ``log_theta``
+    per gene, computes ``lgamma(theta)`` once per gene rather than once per cell and gene.
+    Sampling goes through the Gamma-Poisson mixture.
     """
-    return dist.GammaPoisson(theta, theta / mu)
+
+    arg_constraints = {"log_mu": constraints.real, "log_theta": constraints.real}
+    support = constraints.nonnegative_integer
+
+    def __init__(self, log_mu: torch.Tensor, log_theta: torch.Tensor, validate_args=None):
+        self.log_mu, self.log_theta = log_mu, log_theta
+        batch_shape = torch.Size(broadcast_shape(log_mu.shape, log_theta.shape))
+        dist.TorchDistribution.__init__(self, batch_shape, validate_args=validate_args)
+
+    @lazy_property
+    def concentration(self) -> torch.Tensor:
+        return self.log_theta.exp().expand(self.batch_shape)
+
+    @lazy_property
+    def rate(self) -> torch.Tensor:
+        return (self.log_theta - self.log_mu).exp().expand(self.batch_shape)
+
+    @lazy_property
+    def _gamma(self) -> dist.Gamma:
+        return dist.Gamma(self.concentration, self.rate)
+
+    def expand(self, batch_shape, _instance=None):
+        new = self._get_checked_instance(NegativeBinomial2, _instance)
+        batch_shape = torch.Size(batch_shape)
+        new.log_mu = self.log_mu.expand(batch_shape)
+        new.log_theta = self.log_theta.expand(batch_shape)
+        dist.TorchDistribution.__init__(new, batch_shape, validate_args=False)
+        new._validate_args = self._validate_args
+        return new
+
+    def log_prob(self, value: torch.Tensor) -> torch.Tensor:
+        if self._validate_args:
+            self._validate_sample(value)
+        theta = self.log_theta.exp()
+        d = self.log_mu - self.log_theta
+        softplus_d = F.softplus(d)
+        return (
+            torch.lgamma(value + theta) - torch.lgamma(theta) - torch.lgamma(value + 1)
+            - theta * softplus_d + value * (d - softplus_d)
+        )
+
+    @property
+    def mean(self) -> torch.Tensor:
+        return self.log_mu.exp().expand(self.batch_shape)
+
+    @property
+    def variance(self) -> torch.Tensor:
+        mu = self.mean
+        return mu + mu.pow(2) * (-self.log_theta).exp()
 
 
-@register_likelihood("poisson", heads={"rho": "softmax"})
-def poisson(rho, *, library):
+@register_likelihood("poisson", heads={"log_rho": "log_softmax"})
+def poisson(log_rho, *, library):
     """``x ~ Poisson(l * rho)``."""
-    return dist.Poisson(library * rho)
+    return dist.Poisson(library * log_rho.exp())
 
 
-@register_likelihood("nb", heads={"rho": "softmax"}, gene_params=("log_theta",))
-def nb(rho, log_theta, *, library):
-    """``x ~ NB(mean = l * rho, inverse dispersion = theta)``, theta per gene."""
-    return negative_binomial(library * rho, log_theta.exp())
+@register_likelihood("nb", heads={"log_rho": "log_softmax"}, gene_params=("log_theta",))
+def nb(log_rho, log_theta, *, library):
+    """``x ~ NB(mean = l * rho, inverse dispersion = theta)``, theta per gene:
+    ``GammaPoisson(theta, theta / mu)`` (:class:`NegativeBinomial2`)."""
+    return NegativeBinomial2(library.log() + log_rho, log_theta)
 
 
-@register_likelihood("zip", heads={"rho": "softmax", "gate_logits": "identity"})
-def zip(rho, gate_logits, *, library):  # noqa: A001 - the registry name
+@register_likelihood("zip", heads={"log_rho": "log_softmax", "gate_logits": "identity"})
+def zip(log_rho, gate_logits, *, library):  # noqa: A001 - the registry name
     """``x ~ pi * delta_0 + (1 - pi) * Poisson(l * rho)``, ``pi = sigmoid(gate_logits)``."""
-    return dist.ZeroInflatedPoisson(library * rho, gate_logits=gate_logits)
+    return dist.ZeroInflatedPoisson(library * log_rho.exp(), gate_logits=gate_logits)
 
 
 @register_likelihood(
-    "zinb", heads={"rho": "softmax", "gate_logits": "identity"}, gene_params=("log_theta",)
+    "zinb", heads={"log_rho": "log_softmax", "gate_logits": "identity"}, gene_params=("log_theta",)
 )
-def zinb(rho, gate_logits, log_theta, *, library):
+def zinb(log_rho, gate_logits, log_theta, *, library):
     """``x ~ pi * delta_0 + (1 - pi) * NB(l * rho, theta)``, ``pi = sigmoid(gate_logits)``."""
-    base = negative_binomial(library * rho, log_theta.exp())
+    base = NegativeBinomial2(library.log() + log_rho, log_theta)
     return dist.ZeroInflatedDistribution(base, gate_logits=gate_logits)
 
 

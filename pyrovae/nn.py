@@ -86,8 +86,8 @@ class Encoder(nn.Module):
 class Decoder(nn.Module):
     """``z -> {head: (cells, genes)}``: one shared body, one linear map per head.
 
-    ``heads`` maps each head's name to its activation, ``"softmax"`` (over genes) or
-    ``"identity"``. No dropout in the decoder, as in scVI.
+    ``heads`` maps each head's name to its activation, ``"softmax"`` or ``"log_softmax"``
+    (over genes), or ``"identity"``. No dropout in the decoder, as in scVI.
     """
 
     def __init__(self, n_in: int, n_genes: int, heads: Mapping[str, str], arch: Architecture):
@@ -101,5 +101,10 @@ class Decoder(nn.Module):
         out = {}
         for name, layer in self.heads.items():
             value = layer(h)
-            out[name] = value.softmax(-1) if self.activations[name] == "softmax" else value
+            activation = self.activations[name]
+            if activation == "softmax":
+                value = value.softmax(-1)
+            elif activation == "log_softmax":
+                value = value.log_softmax(-1)
+            out[name] = value
         return out

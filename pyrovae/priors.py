@@ -32,6 +32,13 @@ __all__ = ["PRIORS", "GaussianMixture", "Prior", "StandardNormal", "VampPrior", 
 
 MixtureMode = Literal["enumerate", "gumbel", "marginal"]
 
+SCALE_FLOOR = 0.05  # the smallest standard deviation of a mixture component
+
+
+def _inverse_scale(std):
+    """The unconstrained value whose ``softplus(.) + SCALE_FLOOR`` is ``std``."""
+    return np.log(np.expm1(np.asarray(std, dtype=np.float64) - SCALE_FLOOR))
+
 
 class Prior(PyroModule):
     """Base class: ``p(z) = N(0, I)`` and ``q(z | x) = N(loc(x), diag(scale(x)^2))``.
@@ -153,8 +160,12 @@ class GaussianMixture(Prior):
     learn_weights
         Learn the mixture weights ``pi`` (else uniform).
     init
-        Component means: ``"kmeans"`` on the current latent means when training starts (or
-        when swapped onto a trained model), or ``"random"`` (``N(0, I)``).
+        Where the components start, from the current latent means when training starts
+        (or when the prior is swapped onto a trained model): ``"kmeans"`` (K-means with K
+        clusters), ``"leiden"`` (Leiden on a kNN graph, its resolution searched for K
+        clusters: follows clusters of any shape and size), each component at the mean,
+        spread and (with ``learn_weights``) share of its cells; or ``"random"``
+        (``N(0, I)``).
     temperature
         Gumbel-Softmax temperature: ``(start, end, epochs)``, decaying exponentially from
         ``start`` to ``end`` over ``epochs`` epochs.
@@ -172,7 +183,7 @@ class GaussianMixture(Prior):
         *,
         mode: MixtureMode = "enumerate",
         learn_weights: bool = False,
-        init: Literal["kmeans", "random"] = "kmeans",
+        init: Literal["kmeans", "leiden", "random"] = "kmeans",
         temperature: tuple[float, float, int] = (1.0, 0.5, 100),
         conditional_posterior: bool = True,
     ):
@@ -181,8 +192,8 @@ class GaussianMixture(Prior):
             raise ValueError(f"a mixture needs at least 2 clusters, got {n_clusters}")
         if mode not in ("enumerate", "gumbel", "marginal"):
             raise ValueError(f"mode must be 'enumerate', 'gumbel' or 'marginal', got {mode!r}")
-        if init not in ("kmeans", "random"):
-            raise ValueError(f"init must be 'kmeans' or 'random', got {init!r}")
+        if init not in ("kmeans", "leiden", "random"):
+            raise ValueError(f"init must be 'kmeans', 'leiden' or 'random', got {init!r}")
         self.K = n_clusters
         self.mode = mode
         self.learn_weights = bool(learn_weights)
@@ -210,7 +221,7 @@ class GaussianMixture(Prior):
             return
         K = self.K
         self.locs = nn.Parameter(torch.randn(K, n_latent))
-        self.raw_scales = nn.Parameter(torch.zeros(K, n_latent))  # softplus(0) + 0.3 ~ 1
+        self.raw_scales = nn.Parameter(torch.full((K, n_latent), _inverse_scale(1.0)))
         self.weight_logits = nn.Parameter(torch.zeros(K), requires_grad=self.learn_weights)
         if self.mode != "marginal":
             self.classifier = nn.Linear(encoder.body.n_out, K)
@@ -220,7 +231,7 @@ class GaussianMixture(Prior):
 
     @property
     def scales(self) -> torch.Tensor:
-        return F.softplus(self.raw_scales) + 0.3 - math.log(2)
+        return F.softplus(self.raw_scales) + SCALE_FLOOR
 
     def _components(self) -> dist.Distribution:
         return dist.Normal(self.locs, self.scales).to_event(1)
@@ -289,25 +300,22 @@ class GaussianMixture(Prior):
             self.mode = mode
 
     def initialize(self, latent: torch.Tensor, x: torch.Tensor) -> None:
-        if bool(self.initialized) or self.init != "kmeans":
+        if bool(self.initialized) or self.init == "random":
             self.initialized.fill_(True)
             return
-        from sklearn.cluster import KMeans
-
         points = latent.detach().cpu().numpy().astype(np.float64)
-        km = KMeans(self.K, n_init=10, random_state=0).fit(points)
+        labels = (kmeans_labels if self.init == "kmeans" else leiden_labels)(points, self.K)
+        counts = np.bincount(labels, minlength=self.K)
+        centres = np.stack([points[labels == k].mean(0) for k in range(self.K)])
+        std = np.stack([points[labels == k].std(0) if counts[k] > 1 else points.std(0)
+                        for k in range(self.K)])
+        std = np.clip(std, 2 * SCALE_FLOOR, None)
         with torch.no_grad():
-            self.locs.copy_(torch.as_tensor(km.cluster_centers_, dtype=self.locs.dtype))
-            std = np.stack([
-                points[km.labels_ == k].std(0) if (km.labels_ == k).sum() > 1 else points.std(0)
-                for k in range(self.K)
-            ])
-            std = np.clip(std, 0.35, None)  # softplus(raw) + 0.3 - log 2 = std
-            self.raw_scales.copy_(torch.as_tensor(
-                np.log(np.expm1(std - 0.3 + math.log(2))), dtype=self.locs.dtype))
+            self.locs.copy_(torch.as_tensor(centres, dtype=self.locs.dtype))
+            self.raw_scales.copy_(torch.as_tensor(_inverse_scale(std), dtype=self.locs.dtype))
             if self.learn_weights:
-                counts = np.bincount(km.labels_, minlength=self.K) + 1.0
-                self.weight_logits.copy_(torch.as_tensor(np.log(counts / counts.sum())))
+                share = (counts + 1.0) / (counts.sum() + self.K)
+                self.weight_logits.copy_(torch.as_tensor(np.log(share), dtype=self.locs.dtype))
         self.initialized.fill_(True)
 
     # ---- summaries of q --------------------------------------------------------
@@ -400,6 +408,58 @@ class VampPrior(Prior):
         if cluster is not None:
             raise ValueError("the VampPrior's components are pseudo-inputs, not clusters")
         return self.mixture().sample((n,))
+
+
+def kmeans_labels(points: np.ndarray, k: int) -> np.ndarray:
+    """K-means labels of ``points`` (10 restarts, seeded)."""
+    from sklearn.cluster import KMeans
+
+    return KMeans(k, n_init=10, random_state=0).fit_predict(points)
+
+
+def leiden_labels(points: np.ndarray, k: int, *, n_neighbors: int = 15) -> np.ndarray:
+    """Leiden labels of ``points`` with exactly ``k`` clusters: the resolution is searched
+    by bisection for ``k``; where no resolution gives exactly ``k``, the closest partition
+    is adjusted by merging the smallest cluster into its nearest neighbour (by centroid) or
+    splitting the largest in two with K-means."""
+    import anndata as ad
+    import pandas as pd
+    import scanpy as sc
+
+    light = ad.AnnData(obs=pd.DataFrame(index=[str(i) for i in range(len(points))]),
+                       obsm={"X": points.astype(np.float32)})
+    sc.pp.neighbors(light, use_rep="X", n_neighbors=min(n_neighbors, len(points) - 1), random_state=0)
+
+    def partition(resolution: float) -> np.ndarray:
+        sc.tl.leiden(light, resolution=resolution, key_added="leiden", flavor="igraph",
+                     n_iterations=2, directed=False, random_state=0)
+        return light.obs["leiden"].astype(int).to_numpy()
+
+    lo, hi, best = 1e-3, 20.0, None
+    for _ in range(30):
+        resolution = math.sqrt(lo * hi)
+        labels = partition(resolution)
+        n = labels.max() + 1
+        if best is None or abs(n - k) < abs(best.max() + 1 - k):
+            best = labels
+        if n == k:
+            break
+        lo, hi = (resolution, hi) if n < k else (lo, resolution)
+    labels = best.copy()
+    while labels.max() + 1 > k:  # merge the smallest cluster into its nearest
+        counts = np.bincount(labels)
+        small = counts.argmin()
+        centres = np.stack([points[labels == c].mean(0) for c in range(len(counts))])
+        distance = np.linalg.norm(centres - centres[small], axis=1)
+        distance[small] = np.inf
+        labels[labels == small] = distance.argmin()
+        labels = np.unique(labels, return_inverse=True)[1]
+    while labels.max() + 1 < k:  # split the largest cluster in two
+        large = np.bincount(labels).argmax()
+        members = np.flatnonzero(labels == large)
+        halves = kmeans_labels(points[members], 2)
+        labels[members[halves == 1]] = labels.max() + 1
+    return labels
 
 
 PRIORS: dict[str, type[Prior]] = {

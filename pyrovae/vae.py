@@ -10,6 +10,7 @@ from typing import Any, Iterator, Sequence
 import anndata as ad
 import numpy as np
 import pandas as pd
+import pyro
 import torch
 
 from . import __version__
@@ -372,7 +373,7 @@ class VAE:
     def _inference(self, seed: int) -> Iterator[None]:
         """Evaluation mode, no gradients, seeded draws."""
         self.module.eval()
-        with seeded(seed, self.device), torch.no_grad():
+        with seeded(seed, self.device), torch.no_grad(), pyro.validation_enabled(False):
             yield
 
     def _batches(self, data: CountData, batch_size: int):

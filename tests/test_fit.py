@@ -149,8 +149,8 @@ def test_elbo_matches_the_training_loss(sim, quick):
 def test_posterior_predictive_resembles_the_data(sim):
     """A trained NB model replicates the depth, gene means and zero fraction of its data."""
     model = pyrovae.fit(sim.copy(), "nb", max_epochs=300, progress=False)
-    reps = model.posterior_predictive_sample(sim, 3)
-    X = sim.X.toarray()
+    reps = model.posterior_predictive_sample(sim, 10)  # per-cell totals have sd ~ their mean:
+    X = sim.X.toarray()                                # 3,000 draws put the mean within ~2 %
     replicated_library = reps.sum(-1).mean(0)
     assert replicated_library.mean() == pytest.approx(X.sum(1).mean(), rel=0.05)
     gene_means = np.log1p(reps.mean((0, 1))), np.log1p(X.mean(0))

@@ -71,13 +71,13 @@ class ContinuousBernoulliReference:
 # name -> (decoder heads, gene params, library, reference distribution, test values)
 def cases():
     library = 100.0
-    rho = MU / library
+    log_rho = np.log(MU / library)
     counts = np.array([0.0, 1.0, 3.0, 280.0])
-    yield "poisson", {"rho": rho}, {}, library, stats.poisson(MU), counts
-    yield "nb", {"rho": rho}, {"log_theta": np.log(THETA)}, library, stats.nbinom(THETA, THETA / (THETA + MU)), counts
-    yield ("zip", {"rho": rho, "gate_logits": logit(GATE)}, {}, library,
+    yield "poisson", {"log_rho": log_rho}, {}, library, stats.poisson(MU), counts
+    yield "nb", {"log_rho": log_rho}, {"log_theta": np.log(THETA)}, library, stats.nbinom(THETA, THETA / (THETA + MU)), counts
+    yield ("zip", {"log_rho": log_rho, "gate_logits": logit(GATE)}, {}, library,
            zero_inflated(stats.poisson(MU), GATE), counts)
-    yield ("zinb", {"rho": rho, "gate_logits": logit(GATE)}, {"log_theta": np.log(THETA)}, library,
+    yield ("zinb", {"log_rho": log_rho, "gate_logits": logit(GATE)}, {"log_theta": np.log(THETA)}, library,
            zero_inflated(stats.nbinom(THETA, THETA / (THETA + MU)), GATE), counts)
     yield ("continuous_bernoulli", {"logits": logit(PROB)}, {}, None,
            ContinuousBernoulliReference(PROB), np.array([0.0, 0.2, 0.5, 1.0]))
@@ -133,7 +133,7 @@ def test_gate_limits(name):
     base = "poisson" if name == "zip" else "nb"
     values = torch.tensor([0.0, 1.0, 3.0, 280.0], dtype=torch.float64)
     closed = make(name, {**heads, "gate_logits": np.full(4, -40.0)}, params, library)
-    plain = make(base, {"rho": heads["rho"]}, params, library)
+    plain = make(base, {"log_rho": heads["log_rho"]}, params, library)
     np.testing.assert_allclose(closed.log_prob(values), plain.log_prob(values), rtol=1e-12, atol=1e-12)
     open_ = make(name, {**heads, "gate_logits": np.full(4, 40.0)}, params, library)
     assert torch.all(open_.log_prob(torch.zeros(4, dtype=torch.float64)).abs() < 1e-12)
@@ -151,7 +151,7 @@ def test_gradients_finite_at_extremes(name, theta, count):
     logits = torch.tensor([-12.0, -3.0, 0.0, 3.0, 8.0], requires_grad=True)
     log_theta = torch.full((n,), math.log(theta), requires_grad=True)
     gate_logits = torch.zeros(n, requires_grad=True)
-    heads = {"rho": logits.softmax(-1)}
+    heads = {"log_rho": logits.log_softmax(-1)}
     if name == "zinb":
         heads["gate_logits"] = gate_logits
     d = get_likelihood(name)(heads, {"log_theta": log_theta}, torch.tensor(2e4))
@@ -166,10 +166,10 @@ def test_gradients_finite_at_extremes(name, theta, count):
 def test_large_theta_stays_accurate(theta):
     """In float64 the NB stays exact where it is almost Poisson."""
     counts = np.arange(0.0, 30.0)
-    rho = torch.full((30,), 1 / 30, dtype=torch.float64)
+    log_rho = torch.full((30,), -math.log(30), dtype=torch.float64)
     lib = torch.tensor(300.0, dtype=torch.float64)
     log_theta = torch.full((30,), math.log(theta), dtype=torch.float64)
-    nb = get_likelihood("nb")({"rho": rho}, {"log_theta": log_theta}, lib)
+    nb = get_likelihood("nb")({"log_rho": log_rho}, {"log_theta": log_theta}, lib)
     ref = stats.nbinom(theta, theta / (theta + 10.0)).logpmf(counts)
     np.testing.assert_allclose(nb.log_prob(torch.as_tensor(counts)).numpy(), ref, rtol=1e-6)
 
@@ -179,7 +179,7 @@ def test_unknown_likelihood_names_the_choices():
         get_likelihood("zinbb")
 
 
-def test_registering_a_count_likelihood_needs_a_softmax_rho_head():
-    with pytest.raises(ValueError, match="rho"):
+def test_registering_a_count_likelihood_needs_a_log_rho_head():
+    with pytest.raises(ValueError, match="log_rho"):
         register_likelihood("broken", heads={"mu": "identity"})(lambda mu, *, library: None)
     assert "broken" not in LIKELIHOODS

@@ -87,7 +87,7 @@ def test_model_and_guide_match_and_take_a_finite_step(likelihood, prior):
 def test_gene_parameters_are_learned_per_gene():
     module = VAEModule(12, get_likelihood("zinb"), get_prior("normal"), ARCH)
     assert module.model.gene_params["log_theta"].shape == (12,)
-    assert set(module.model.decoder.heads) == {"rho", "gate_logits"}
+    assert set(module.model.decoder.heads) == {"log_rho", "gate_logits"}
 
 
 @pytest.mark.parametrize("elbo", [Trace_ELBO, TraceMeanField_ELBO])

@@ -58,7 +58,7 @@ def by_hand(module, args, seed):
         log_p_x = module.model.observation(z[k], library).log_prob(x).sum(-1)
         q_k = log_q_y[:, k].exp()
         total = total + (q_k * (log_p_y[k] + log_p_z + log_p_x - log_q_z - log_q_y[:, k])).sum()
-        assert heads["rho"].shape == x.shape
+        assert heads["log_rho"].shape == x.shape
     return total
 
 
