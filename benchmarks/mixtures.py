@@ -52,7 +52,7 @@ def gradient_variance(model: pyrovae.VAE, adata, n_replicates: int = 64, seed: i
     data = read_data(adata, layer=model.layer)
     index = np.sort(np.random.default_rng(seed).choice(data.n_obs, 128, replace=False))
     x = data.batch(index, model.device)
-    args = (x, x.sum(-1, keepdim=True), torch.arange(len(x)), len(x))
+    args = (x, x.sum(-1, keepdim=True), None, None, None, torch.arange(len(x)), len(x))
     loss_fn = module.prior.elbo()(module.model, module.guide)
     params = [p for p in module.guide.encoder.parameters() if p.requires_grad]
     module.eval()

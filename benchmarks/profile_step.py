@@ -97,13 +97,13 @@ def make_variants(x, n_obs: int, try_compile: bool = True):
 
     module = pyro_module("zinb")
     tmf = TraceMeanField_ELBO()(module.model, module.guide)
-    variants["pyrovae"] = (lambda: tmf(x, library, index, n_obs, KL_WEIGHT), module)
+    variants["pyrovae"] = (lambda: tmf(x, library, None, None, None, index, n_obs, KL_WEIGHT), module)
     variants["pyrovae no validation"] = (
-        lambda: _novalid(tmf, x, library, index, n_obs, KL_WEIGHT), module)
+        lambda: _novalid(tmf, x, library, None, None, None, index, n_obs, KL_WEIGHT), module)
 
     module_t = pyro_module("zinb")
     te = Trace_ELBO()(module_t.model, module_t.guide)
-    variants["pyrovae Trace_ELBO"] = (lambda: te(x, library, index, n_obs, KL_WEIGHT), module_t)
+    variants["pyrovae Trace_ELBO"] = (lambda: te(x, library, None, None, None, index, n_obs, KL_WEIGHT), module_t)
 
     # the ablation ladder: pyrovae's networks and distributions without Pyro's tracing
     enc, dec = module.guide.encoder, module.model.decoder
@@ -160,7 +160,7 @@ def make_variants(x, n_obs: int, try_compile: bool = True):
     try:
         module_j = pyro_module("zinb")
         jit = JitTraceMeanField_ELBO(ignore_jit_warnings=True)(module_j.model, module_j.guide)
-        fn = lambda: jit(x, library, index, n_obs=n_obs, kl_weight=KL_WEIGHT)  # noqa: E731
+        fn = lambda: jit(x, library, None, None, None, index, n_obs=n_obs, kl_weight=KL_WEIGHT)  # noqa: E731
         start = time.perf_counter()
         _step(fn, module_j)
         first = time.perf_counter() - start
@@ -180,7 +180,7 @@ def make_variants(x, n_obs: int, try_compile: bool = True):
         counters.clear()
         module_c = pyro_module("zinb")
         tmf_c = torch.compile(TraceMeanField_ELBO()(module_c.model, module_c.guide))
-        fn = lambda: tmf_c(x, library, index, n_obs, KL_WEIGHT)  # noqa: E731
+        fn = lambda: tmf_c(x, library, None, None, None, index, n_obs, KL_WEIGHT)  # noqa: E731
         start = time.perf_counter()
         for _ in range(12):  # past dynamo's recompile limit (8), if it recompiles each step
             _step(fn, module_c)
@@ -249,7 +249,7 @@ def time_optimizers(module, x, n_obs, rounds: int) -> None:
     for r in range(rounds + 5):
         for name, opt in opts.items():
             opt.zero_grad(set_to_none=True)
-            loss_fn(x, library, index, n_obs, KL_WEIGHT).backward()
+            loss_fn(x, library, None, None, None, index, n_obs, KL_WEIGHT).backward()
             start = time.perf_counter()
             opt.step()
             opt.zero_grad(set_to_none=True)

@@ -8,6 +8,7 @@ from typing import Literal, Sequence
 import anndata as ad
 import numpy as np
 
+from .data import CovariateSpec
 from .likelihoods import Likelihood
 from .nn import Architecture
 from .priors import GaussianMixture, Prior, get_prior
@@ -24,6 +25,12 @@ def fit(
     likelihood: LikelihoodName | Likelihood = "zinb",
     *,
     layer: str | None = None,
+    batch_key: str | None = None,
+    categorical_covariate_keys: Sequence[str] = (),
+    continuous_covariate_keys: Sequence[str] = (),
+    labels_key: str | None = None,
+    library: Literal["observed", "latent"] = "observed",
+    dispersion: Literal["gene", "gene-batch", "gene-label", "gene-cell"] = "gene",
     prior: Literal["normal", "gmm", "vamp"] | Prior = "normal",
     n_clusters: int = 10,
     mixture: Literal["enumerate", "gumbel", "marginal"] = "enumerate",
@@ -57,6 +64,23 @@ def fit(
         ``"continuous_bernoulli"`` or ``"gaussian"`` (see :mod:`pyrovae.likelihoods`).
     layer
         Read the data from ``adata.layers[layer]``; ``adata.X`` when None.
+    batch_key
+        Column of ``adata.obs`` with each cell's batch: given (one-hot) to encoder and
+        decoder, as in scVI, so that the latent space need not encode it; the library
+        prior and ``dispersion="gene-batch"`` are per batch.
+    categorical_covariate_keys, continuous_covariate_keys
+        More ``adata.obs`` columns given to encoder and decoder: categorical ones one-hot
+        (a condition such as treatment or cell type makes a conditional VAE, see
+        :meth:`VAE.sample`), continuous ones standardised.
+    labels_key
+        Column of ``adata.obs`` with labels, for ``dispersion="gene-label"``.
+    library
+        ``"observed"``: the cell's total count; ``"latent"``: ``l ~ LogNormal`` with the
+        mean and variance of the log library sizes in the cell's batch, inferred by its
+        own encoder (scVI's l-encoder).
+    dispersion
+        How ``theta`` (NB, ZINB) or ``sigma`` (Gaussian) varies: per gene, per gene and
+        batch, per gene and label, or per gene and cell.
     prior
         Prior on the latent space: ``"normal"`` (``N(0, I)``), ``"gmm"`` (a Gaussian
         mixture with a cluster for each cell, see :class:`pyrovae.priors.GaussianMixture`),
@@ -66,8 +90,8 @@ def fit(
         training: summed out exactly by enumeration, relaxed by Gumbel-Softmax, or
         marginalised out of the prior.
     pretrain_epochs
-        For a mixture whose components start from KMeans (``init="kmeans"``, the
-        default): epochs of a standard-normal VAE first, whose posterior means then place
+        For a mixture whose components start from the latent space (``init="kmeans"``,
+        the default, or ``"leiden"``): epochs of a standard-normal VAE first, whose posterior means then place
         the components; the mixture trains for the remaining epochs, with its KL at full
         weight. ``None`` takes the KL warm-up (``kl_warmup_epochs``), at most half of
         ``max_epochs``; ``0`` trains the mixture from the first epoch.
@@ -109,8 +133,12 @@ def fit(
     if pretrain_epochs is None:
         pretrain_epochs = min(kl_warmup_epochs, total // 2)
     staged = (
-        isinstance(prior, GaussianMixture) and prior.init == "kmeans"
+        isinstance(prior, GaussianMixture) and prior.init in ("kmeans", "leiden")
         and not bool(prior.initialized) and 0 < pretrain_epochs < total
+    )
+    covariates = CovariateSpec.from_obs(
+        adata.obs, batch_key=batch_key, categorical_covariate_keys=categorical_covariate_keys,
+        continuous_covariate_keys=continuous_covariate_keys, labels_key=labels_key,
     )
     model = VAE(
         adata.var_names,
@@ -119,6 +147,9 @@ def fit(
         architecture=Architecture(n_latent=n_latent, n_hidden=hidden, dropout=dropout,
                                   batch_norm=batch_norm),
         layer=layer,
+        covariates=covariates,
+        library=library,
+        dispersion=dispersion,
         seed=seed,
     )
     if staged:

@@ -6,6 +6,12 @@ Both take the same arguments (Pyro's contract), for a minibatch of cells:
     ``(cells, genes)`` observations, or ``None`` in the model to generate.
 ``library``
     ``(cells, 1)`` observed total counts.
+``covariates``
+    ``(cells, n_covariates)`` one-hot categorical and standardised continuous covariates,
+    fed to the encoder and the decoder; ``None`` without covariates.
+``batch``, ``label``
+    ``(cells,)`` integer batch and label of each cell: they pick the per-batch library
+    prior and per-batch or per-label dispersions.
 ``index``
     ``(cells,)`` positions of these cells in the data set; with ``n_obs`` they scale the
     minibatch to the whole data set through ``pyro.plate(size=n_obs, subsample=index)``.
@@ -14,6 +20,9 @@ Both take the same arguments (Pyro's contract), for a minibatch of cells:
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
 
 import pyro
 import pyro.distributions as dist
@@ -26,75 +35,167 @@ from .likelihoods import Likelihood
 from .nn import Architecture, Decoder, Encoder
 from .priors import Prior
 
-__all__ = ["Guide", "Model", "VAEModule"]
+__all__ = ["Covariates", "Guide", "Model", "VAEModule", "with_covariates"]
+
+Dispersion = Literal["gene", "gene-batch", "gene-label", "gene-cell"]
+LibrarySize = Literal["observed", "latent"]
+
+
+@dataclass(frozen=True)
+class Covariates:
+    """Sizes the networks need to know about the cells' covariates and parameters.
+
+    Attributes
+    ----------
+    n_covariates
+        Width of the covariate vector given to encoder and decoder.
+    n_batches, n_labels
+        Number of batches and labels (1 without them).
+    library
+        ``"observed"``: the cell's total count; ``"latent"``: ``l ~ LogNormal`` with the
+        mean and variance of the log library sizes of the cell's batch (scVI), inferred by
+        its own encoder.
+    dispersion
+        How the likelihood's per-gene parameters (``theta``, ``sigma``) vary: per gene,
+        per gene and batch, per gene and label, or per gene and cell (a decoder output).
+    """
+
+    n_covariates: int = 0
+    n_batches: int = 1
+    n_labels: int = 1
+    library: LibrarySize = "observed"
+    dispersion: Dispersion = "gene"
+
+    def __post_init__(self):
+        if self.library not in ("observed", "latent"):
+            raise ValueError(f"library must be 'observed' or 'latent', got {self.library!r}")
+        if self.dispersion not in ("gene", "gene-batch", "gene-label", "gene-cell"):
+            raise ValueError(
+                f"dispersion must be 'gene', 'gene-batch', 'gene-label' or 'gene-cell', "
+                f"got {self.dispersion!r}"
+            )
+
+
+def with_covariates(h: torch.Tensor, covariates: torch.Tensor | None) -> torch.Tensor:
+    """``[h, covariates]``, the covariates broadcast over any leading dimensions of ``h``
+    (an enumerated cluster dimension, say)."""
+    if covariates is None:
+        return h
+    shape = torch.broadcast_shapes(h.shape[:-1], covariates.shape[:-1])
+    return torch.cat([h.expand(*shape, h.shape[-1]), covariates.expand(*shape, covariates.shape[-1])], -1)
 
 
 class Model(PyroModule):
-    """``z ~ prior``, ``x_g | z, l ~ Likelihood(decoder(z), theta_g, l)`` for each cell.
+    """``z ~ prior``, ``l``, ``x_g | z, l ~ Likelihood(decoder(z, s), theta_g, l)`` per cell.
 
     With the default prior and ``likelihood="zinb"``::
 
         p(z) = N(0, I)
-        p(x | z, l) = prod_g ZINB(x_g; mean = l * rho_g(z), theta_g, pi_g(z))
+        l = sum_g x_g                                   (or l ~ LogNormal(m_b, v_b))
+        p(x | z, l, s) = prod_g ZINB(x_g; mean = l * rho_g(z, s), theta_g, pi_g(z, s))
 
-    The prior object samples the latent sites (``z``, and ``y`` for a mixture).
+    where ``s`` are the cell's covariates. The prior object samples the latent sites
+    (``z``, and ``y`` for a mixture).
     """
 
-    def __init__(self, n_genes: int, likelihood: Likelihood, prior: Prior, arch: Architecture):
+    def __init__(self, n_genes: int, likelihood: Likelihood, prior: Prior, arch: Architecture,
+                 cov: Covariates):
         super().__init__()
         self.n_latent = arch.n_latent
         self.likelihood = likelihood
+        self.cov = cov
         self.prior = prior
-        self.decoder = Decoder(arch.n_latent, n_genes, likelihood.heads, arch)
-        self.gene_params = nn.ParameterDict(
-            {name: nn.Parameter(torch.zeros(n_genes)) for name in likelihood.gene_params}
-        )
+        per_cell = likelihood.gene_params if cov.dispersion == "gene-cell" else ()
+        heads = {**likelihood.heads, **{name: "identity" for name in per_cell}}
+        self.decoder = Decoder(arch.n_latent + cov.n_covariates, n_genes, heads, arch)
+        rows = {"gene": (), "gene-batch": (cov.n_batches,), "gene-label": (cov.n_labels,)}
+        self.gene_params = nn.ParameterDict({
+            name: nn.Parameter(torch.zeros(*rows[cov.dispersion], n_genes))
+            for name in likelihood.gene_params if cov.dispersion != "gene-cell"
+        })
+        # log-normal of the training cells' log library sizes, per batch
+        self.register_buffer("library_loc", torch.zeros(cov.n_batches))
+        self.register_buffer("library_scale", torch.ones(cov.n_batches))
 
-    def observation(self, z: torch.Tensor, library: torch.Tensor | None) -> dist.Distribution:
-        """``p(x | z, l)``, with batch shape ``(cells, genes)``."""
-        return self.likelihood(self.decoder(z), self.gene_params, library)
+    def decode(self, z, covariates=None, batch=None, label=None):
+        """``(heads, gene_params)`` of the likelihood for latent ``z`` and covariates."""
+        heads = self.decoder(with_covariates(z, covariates))
+        if self.cov.dispersion == "gene-cell":
+            params = {name: heads.pop(name) for name in self.likelihood.gene_params}
+        elif self.cov.dispersion == "gene":
+            params = dict(self.gene_params)
+        else:
+            rows = batch if self.cov.dispersion == "gene-batch" else label
+            params = {name: p[rows] for name, p in self.gene_params.items()}
+        return heads, params
 
-    def forward(self, x, library, index, n_obs: int, kl_weight: float = 1.0):
+    def observation(self, z, library, covariates=None, batch=None, label=None) -> dist.Distribution:
+        """``p(x | z, l, s)``, with batch shape ``(..., cells, genes)``."""
+        return self.likelihood(*self.decode(z, covariates, batch, label), library)
+
+    def expression(self, z, library_size: float, covariates=None, batch=None, label=None):
+        """Denoised expression at ``z`` (see :meth:`Likelihood.expression`)."""
+        return self.likelihood.expression(*self.decode(z, covariates, batch, label), library_size)
+
+    def library_prior(self, batch: torch.Tensor) -> dist.Distribution:
+        return dist.LogNormal(self.library_loc[batch], self.library_scale[batch])
+
+    def forward(self, x, library, covariates, batch, label, index, n_obs: int,
+                kl_weight: float = 1.0):
         with pyro.plate("cells", n_obs, subsample=index):
             with poutine.scale(scale=kl_weight):
                 z = self.prior.model(self.n_latent)
-            return pyro.sample("x", self.observation(z, library).to_event(1), obs=x)
+            if self.cov.library == "latent":
+                library = pyro.sample("l", self.library_prior(batch)).unsqueeze(-1)
+            px = self.observation(z, library, covariates, batch, label)
+            return pyro.sample("x", px.to_event(1), obs=x)
 
 
 class Guide(PyroModule):
-    """An encoder of ``log1p`` counts; the prior object samples the latent sites from it.
+    """Encoders of ``log1p`` counts and covariates; the prior object samples the latent
+    sites from the first (with the default prior ``q(z | x, s) = N(mu, diag(sigma^2))``),
+    and a latent library has its own, ``q(l | x, s) = LogNormal(m(x, s), v(x, s))``."""
 
-    With the default prior ``q(z | x) = N(mu(x), diag(sigma(x)^2))``.
-    """
-
-    def __init__(self, n_genes: int, likelihood: Likelihood, arch: Architecture):
+    def __init__(self, n_genes: int, likelihood: Likelihood, arch: Architecture, cov: Covariates):
         super().__init__()
         self.likelihood = likelihood
-        self.encoder = Encoder(n_genes, arch.n_latent, arch)
+        self.cov = cov
+        self.encoder = Encoder(n_genes + cov.n_covariates, arch.n_latent, arch)
+        if cov.library == "latent":
+            small = Architecture(n_latent=1, n_hidden=arch.n_hidden[:1], dropout=arch.dropout,
+                                 batch_norm=arch.batch_norm)
+            self.library_encoder = Encoder(n_genes + cov.n_covariates, 1, small)
 
     @property
     def prior(self) -> Prior:
         return self.__dict__["_prior"]  # owned (and registered) by the model
 
-    def forward(self, x, library, index, n_obs: int, kl_weight: float = 1.0):
+    def encoder_input(self, x, covariates) -> torch.Tensor:
+        return with_covariates(self.likelihood.encoder_input(x), covariates)
+
+    def forward(self, x, library, covariates, batch, label, index, n_obs: int,
+                kl_weight: float = 1.0):
+        inputs = self.encoder_input(x, covariates)
         with pyro.plate("cells", n_obs, subsample=index):
             with poutine.scale(scale=kl_weight):
-                return self.prior.guide(self.encoder, self.likelihood.encoder_input(x))
+                z = self.prior.guide(self.encoder, inputs)
+            if self.cov.library == "latent":
+                loc, scale = self.library_encoder(inputs)
+                pyro.sample("l", dist.LogNormal(loc.squeeze(-1), scale.squeeze(-1)))
+            return z
 
 
 class VAEModule(nn.Module):
     """The model and the guide together: one ``state_dict``, one ``.to(device)``."""
 
-    def __init__(
-        self, n_genes: int, likelihood: Likelihood, prior: Prior, arch: Architecture
-    ):
+    def __init__(self, n_genes: int, likelihood: Likelihood, prior: Prior, arch: Architecture,
+                 cov: Covariates | None = None):
         super().__init__()
-        self.guide = Guide(n_genes, likelihood, arch)
-        self.model = Model(n_genes, likelihood, prior, arch)
+        cov = cov or Covariates()
+        self.cov = cov
+        self.guide = Guide(n_genes, likelihood, arch, cov)
+        self.model = Model(n_genes, likelihood, prior, arch, cov)
         self.set_prior(prior)
-        # log-normal fit to the training cells' library sizes, for generating new cells
-        self.register_buffer("log_library_loc", torch.zeros(()))
-        self.register_buffer("log_library_scale", torch.ones(()))
         self.register_buffer("library_fitted", torch.tensor(False))
 
     @property

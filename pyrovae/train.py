@@ -142,32 +142,45 @@ def evaluate_loss(loss_fn, data: CountData, index: np.ndarray, batch_size: int, 
     total = 0.0
     with torch.no_grad():
         for chunk in _minibatches(index, batch_size, None):
-            x = data.batch(chunk, device)
-            library = x.sum(-1, keepdim=True)
-            args = (x, library, torch.as_tensor(chunk), len(chunk))
+            args = model_args(data, chunk, device, n_obs=len(chunk))
             total += loss_fn.elbo.loss(loss_fn.model, loss_fn.guide, *args)
     return -total / len(index)
 
 
+def model_args(data: CountData, index: np.ndarray, device, n_obs: int) -> tuple:
+    """The model's and guide's arguments for the cells at ``index`` of ``data``, as a
+    minibatch of a data set of ``n_obs`` cells."""
+    x, covariates, batch, label = data.minibatch(index, device)
+    index = torch.as_tensor(index, device=x.device)
+    return x, x.sum(-1, keepdim=True), covariates, batch, label, index, n_obs
+
+
 def prepare(module: VAEModule, data: CountData, index: np.ndarray, device,
             rng: np.random.Generator, n_max: int = 5000) -> None:
-    """Before the first epoch: fit the library-size distribution (count data) and let the
-    prior initialise itself from the current posterior means of up to ``n_max`` cells."""
-    likelihood = module.model.likelihood
+    """Before the first epoch: fit the log-normal of the library sizes of each batch
+    (count data), and let the prior initialise itself from the current posterior means of
+    up to ``n_max`` cells."""
+    likelihood, model = module.model.likelihood, module.model
     if likelihood.is_count and not bool(module.library_fitted):
-        totals = np.asarray(data.X[index].sum(1)).ravel()
-        logs = np.log(totals)
-        module.log_library_loc.fill_(float(logs.mean()))
-        module.log_library_scale.fill_(float(max(logs.std(), 1e-3)))
+        logs = np.log(np.asarray(data.X[index].sum(1)).ravel())
+        batches = data.encoded.batch[index]
+        for b in range(len(model.library_loc)):
+            mine = logs[batches == b] if (batches == b).any() else logs
+            model.library_loc[b] = float(mine.mean())
+            model.library_scale[b] = float(max(mine.std(), 1e-3))
+        if model.cov.library == "latent":  # q(l | x) starts at the typical library size
+            with torch.no_grad():
+                module.guide.library_encoder.loc.bias.fill_(float(logs.mean()))
         module.library_fitted.fill_(True)
     prior = module.prior
     if hasattr(prior, "initialized") and not bool(prior.initialized):
         pick = np.sort(rng.choice(index, size=min(n_max, len(index)), replace=False))
         module.eval()
         with torch.no_grad():
-            x = likelihood.encoder_input(data.batch(pick, device))
-            latent = prior.latent_mean(module.guide.encoder, x)
-        prior.initialize(latent, x)
+            x, covariates, _, _ = data.minibatch(pick, device)
+            inputs = module.guide.encoder_input(x, covariates)
+            latent = prior.latent_mean(module.guide.encoder, inputs)
+        prior.initialize(latent, inputs)
 
 
 def train(module: VAEModule, data: CountData, plan: TrainingPlan) -> pd.DataFrame:
@@ -201,9 +214,7 @@ def train(module: VAEModule, data: CountData, plan: TrainingPlan) -> pd.DataFram
             module.train()
             total = torch.zeros((), device=device)
             for chunk in _minibatches(train_idx, plan.batch_size, rng):
-                x = data.batch(chunk, device)
-                library = x.sum(-1, keepdim=True)
-                loss = loss_fn(x, library, torch.as_tensor(chunk), n_train, kl_weight)
+                loss = loss_fn(*model_args(data, chunk, device, n_train), kl_weight)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()

@@ -14,10 +14,10 @@ import pyro
 import torch
 
 from . import __version__
-from .data import CountData, check_genes, read_data
+from .data import CountData, CovariateSpec, check_genes, read_data
 from .inference import elbo_per_cell, marginal_log_likelihood, posterior_predictive
 from .likelihoods import Likelihood, get_likelihood
-from .module import VAEModule
+from .module import Covariates, Dispersion, LibrarySize, VAEModule
 from .nn import Architecture
 from .priors import Prior, get_prior
 from .train import TrainingPlan, resolve_device, seeded, train
@@ -46,6 +46,16 @@ class VAE:
         Network sizes (:class:`pyrovae.nn.Architecture`).
     layer
         Where the observations are: ``adata.layers[layer]``, or ``adata.X`` for None.
+    covariates
+        The ``adata.obs`` columns the model reads and how they are encoded
+        (:class:`pyrovae.data.CovariateSpec`, built by :func:`pyrovae.fit` from
+        ``batch_key`` and the covariate keys); None for none.
+    library
+        ``"observed"`` (each cell's total count) or ``"latent"`` (inferred, with a
+        log-normal prior per batch).
+    dispersion
+        ``"gene"``, ``"gene-batch"``, ``"gene-label"`` or ``"gene-cell"``: how the
+        likelihood's per-gene parameters vary.
     seed
         Seeds the initial weights.
     """
@@ -58,6 +68,9 @@ class VAE:
         prior: str | Prior = "normal",
         architecture: Architecture | None = None,
         layer: str | None = None,
+        covariates: CovariateSpec | None = None,
+        library: LibrarySize = "observed",
+        dispersion: Dispersion = "gene",
         seed: int = 0,
     ):
         self.var_names = pd.Index(var_names)
@@ -70,9 +83,18 @@ class VAE:
         self.likelihood = get_likelihood(likelihood)
         self.architecture = architecture or Architecture()
         self.layer = layer
+        self.covariates = covariates or CovariateSpec()
+        spec = self.covariates
+        if dispersion == "gene-batch" and not spec.batch_key:
+            raise ValueError("dispersion='gene-batch' needs a batch_key")
+        if dispersion == "gene-label" and not spec.labels_key:
+            raise ValueError("dispersion='gene-label' needs a labels_key")
+        if library == "latent" and not self.likelihood.is_count:
+            raise ValueError(f"a latent library needs a count likelihood, not {self.likelihood.name!r}")
+        cov = Covariates(spec.n_covariates, spec.n_batches, spec.n_labels, library, dispersion)
         with seeded(seed, torch.device("cpu")):
             self.module = VAEModule(
-                len(self.var_names), self.likelihood, get_prior(prior), self.architecture
+                len(self.var_names), self.likelihood, get_prior(prior), self.architecture, cov
             )
         self.history = pd.DataFrame(
             columns=["epoch", "kl_weight", "train_elbo", "validation_elbo", "seconds"]
@@ -101,7 +123,8 @@ class VAE:
             with self._inference(seed=0):
                 pick = np.sort(np.random.default_rng(0).choice(
                     data.n_obs, size=min(5000, data.n_obs), replace=False))
-                x = self.likelihood.encoder_input(data.batch(pick, self.device))
+                x, covariates, _, _ = data.minibatch(pick, self.device)
+                x = module.guide.encoder_input(x, covariates)
                 latent = self.prior.latent_mean(module.guide.encoder, x)
         module.set_prior(new)
         if adata is not None and hasattr(new, "initialized"):
@@ -165,10 +188,10 @@ class VAE:
     def _map(self, adata, fn, batch_size: int) -> np.ndarray:
         """``fn(encoder, encoder_input)`` over all cells of ``adata``, concatenated."""
         data = self._read(adata)
-        encoder = self.module.guide.encoder
+        guide = self.module.guide
         with self._inference(seed=0):
-            out = [fn(encoder, self.likelihood.encoder_input(x))
-                   for _, x in self._batches(data, batch_size)]
+            out = [fn(guide.encoder, guide.encoder_input(mb[0], mb[1]))
+                   for _, mb in self._batches(data, batch_size)]
         return torch.cat(out).cpu().numpy()
 
     def get_normalized_expression(
@@ -176,62 +199,123 @@ class VAE:
         adata: ad.AnnData,
         *,
         library_size: float = 1e4,
+        transform_batch: str | Sequence[str] | None = None,
         n_samples: int = 10,
+        return_samples: bool = False,
         batch_size: int = 1024,
         seed: int = 0,
     ) -> np.ndarray:
         """Denoised expression, ``(cells, genes)``, averaged over ``n_samples`` posterior draws.
 
-        For count likelihoods this is ``library_size * rho(z)``: expected counts at a common
-        library size (counts per 10,000 by default), zero inflation left out. For the
-        continuous likelihoods it is the decoder's mean.
+        For count likelihoods this is ``library_size * rho(z, s)``: expected counts at a
+        common library size (counts per 10,000 by default), zero inflation left out. For
+        the continuous likelihoods it is the decoder's mean.
+
+        Parameters
+        ----------
+        transform_batch
+            Decode every cell as if it came from this batch (a category of the model's
+            ``batch_key``): batch-corrected expression. A list averages over those batches.
+            ``z`` is still inferred from each cell's own batch.
+        return_samples
+            Return every draw, ``(n_samples, cells, genes)``, instead of their mean (for
+            differential expression).
         """
         data = self._read(adata)
-        model = self.module.model
+        module, spec = self.module, self.covariates
+        if transform_batch is not None and not spec.batch_key:
+            raise ValueError("transform_batch needs a model trained with a batch_key")
+        targets = ([None] if transform_batch is None else
+                   [transform_batch] if isinstance(transform_batch, str) else list(transform_batch))
+        for target in targets:
+            if target is not None and str(target) not in spec.categorical[spec.batch_key]:
+                raise ValueError(
+                    f"transform_batch {target!r} is not a batch of this model; it knows "
+                    f"{spec.categorical[spec.batch_key]}"
+                )
         out = []
         with self._inference(seed), self.prior.evaluation():
-            for _, x in self._batches(data, batch_size):
-                total = 0.0
+            for _, mb in self._batches(data, batch_size):
+                draws = []
                 for _ in range(n_samples):
-                    z = self.module.guide(*self._args(x))
-                    heads = model.decoder(z)
-                    total = total + self.likelihood.expression(heads, model.gene_params, library_size)
-                out.append(total / n_samples)
-        return torch.cat(out).cpu().numpy()
+                    z = module.guide(*self._args(mb))
+                    total = 0.0
+                    for target in targets:
+                        covariates = self._with_batch(mb[1], target)
+                        batch = mb[2] if target is None else torch.full_like(
+                            mb[2], spec.categorical[spec.batch_key].index(str(target)))
+                        total = total + module.model.expression(
+                            z, library_size, covariates, batch, mb[3])
+                    draws.append(total / len(targets))
+                draws = torch.stack(draws)
+                out.append(draws if return_samples else draws.mean(0))
+        return torch.cat(out, dim=1 if return_samples else 0).cpu().numpy()
+
+    def _with_batch(self, covariates: torch.Tensor | None, batch: str | None):
+        """The covariates with the batch block set to ``batch`` (unchanged for None)."""
+        if batch is None:
+            return covariates
+        spec = self.covariates
+        covariates = covariates.clone()
+        block = spec.batch_one_hot_columns()
+        covariates[:, block] = 0.0
+        covariates[:, spec.categorical[spec.batch_key].index(str(batch))] = 1.0
+        return covariates
 
     def sample(
         self,
         n: int,
         *,
         cluster: int | None = None,
+        covariates: dict[str, Any] | None = None,
         library_size: float | None = None,
         seed: int = 0,
     ) -> ad.AnnData:
         """Synthetic cells from the prior: ``z ~ p(z)`` (or ``p(z | y = cluster)``),
-        ``x ~ p(x | z, l)``.
+        ``x ~ p(x | z, l, s)``.
 
-        ``l`` is ``library_size`` when given, else drawn from a log-normal fitted to the
-        training cells' library sizes. Returns an AnnData with the draws in ``X`` (genes
-        as ``var_names``), ``z`` in ``obsm["X_pyrovae"]``, ``l`` in ``obs["library"]`` and,
-        when asked for, ``obs["cluster"]``.
+        Parameters
+        ----------
+        n
+            Number of cells.
+        cluster
+            Draw ``z`` from this mixture component (priors with clusters).
+        covariates
+            For a model with covariates (a conditional VAE), the value of each, e.g.
+            ``{"batch": "b1", "treatment": "drug"}``: the cells are generated under them.
+        library_size
+            Every cell's library size; else drawn from the log-normal fitted to the
+            training cells of the cell's batch.
+
+        Returns
+        -------
+        AnnData with the draws in ``X`` (genes as ``var_names``), ``z`` in
+        ``obsm["X_pyrovae"]``, ``l`` in ``obs["library"]``, the covariates and (when asked
+        for) ``obs["cluster"]``.
         """
-        module = self.module
+        module, spec = self.module, self.covariates
+        if spec.keys or covariates:
+            encoded = spec.encode_values(covariates or {}, n)
+        else:
+            encoded = None
         with self._inference(seed), self.prior.evaluation():
             z = self.prior.sample_z(n, cluster)
+            if encoded is not None:
+                cov, batch, label = encoded.to(z.device)
+            else:
+                cov, batch, label = None, torch.zeros(n, dtype=torch.long, device=z.device), None
             if library_size is not None:
                 library = torch.full((n, 1), float(library_size), device=z.device)
             else:
                 if not bool(module.library_fitted):
                     raise ValueError("the model has not been trained: pass library_size=")
-                library = (module.log_library_loc + module.log_library_scale
-                           * torch.randn(n, 1, device=z.device)).exp()
-            x = module.model.observation(z, library).sample()
-        out = ad.AnnData(
-            X=x.cpu().numpy(),
-            obs=pd.DataFrame({"library": library.squeeze(1).cpu().numpy()},
-                             index=[f"sample{i}" for i in range(n)]),
-            var=pd.DataFrame(index=self.var_names.copy()),
-        )
+                library = module.model.library_prior(batch).sample().unsqueeze(-1)
+            x = module.model.observation(z, library, cov, batch, label).sample()
+        obs = pd.DataFrame({"library": library.squeeze(1).cpu().numpy()},
+                           index=[f"sample{i}" for i in range(n)])
+        for key, value in (covariates or {}).items():
+            obs[key] = pd.Categorical([str(value)] * n) if key in spec.categorical else float(value)
+        out = ad.AnnData(X=x.cpu().numpy(), obs=obs, var=pd.DataFrame(index=self.var_names.copy()))
         out.obsm["X_pyrovae"] = z.cpu().numpy()
         if cluster is not None:
             out.obs["cluster"] = pd.Categorical([str(cluster)] * n)
@@ -252,8 +336,8 @@ class VAE:
         recon, elbo = [], []
         module = self.module
         with self._inference(seed), self.prior.evaluation():
-            for _, x in self._batches(data, batch_size):
-                r, e = elbo_per_cell(module.model, module.guide, self._args(x), n_samples)
+            for _, mb in self._batches(data, batch_size):
+                r, e = elbo_per_cell(module.model, module.guide, self._args(mb), n_samples)
                 recon.append(r)
                 elbo.append(e)
         recon, elbo = torch.cat(recon).cpu().numpy(), torch.cat(elbo).cpu().numpy()
@@ -273,8 +357,8 @@ class VAE:
         module = self.module
         out = []
         with self._inference(seed), self.prior.evaluation():
-            for _, x in self._batches(data, batch_size):
-                out.append(marginal_log_likelihood(module.model, module.guide, self._args(x), n_samples))
+            for _, mb in self._batches(data, batch_size):
+                out.append(marginal_log_likelihood(module.model, module.guide, self._args(mb), n_samples))
         return pd.Series(torch.cat(out).cpu().numpy(), index=data.obs_names, name="log_likelihood")
 
     def posterior_predictive_check(self, adata: ad.AnnData, *, n_samples: int = 50,
@@ -307,8 +391,8 @@ class VAE:
         module = self.module
         out = []
         with self._inference(seed), self.prior.evaluation():
-            for _, x in self._batches(data, batch_size):
-                args = self._args(x)
+            for _, mb in self._batches(data, batch_size):
+                args = self._args(mb)
                 draws = [posterior_predictive(module.model, module.guide, args)
                          for _ in range(n_samples)]
                 out.append(torch.stack(draws))
@@ -330,6 +414,13 @@ class VAE:
             **{f"prior_{k}": v for k, v in self.prior.config().items()},
             "layer": self.layer,
             "n_genes": len(self.var_names),
+            "batch_key": self.covariates.batch_key,
+            "categorical_covariate_keys": [k for k in self.covariates.categorical
+                                           if k != self.covariates.batch_key] or None,
+            "continuous_covariate_keys": list(self.covariates.continuous) or None,
+            "labels_key": self.covariates.labels_key,
+            "library": self.module.cov.library,
+            "dispersion": self.module.cov.dispersion,
             **{k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(self.architecture).items()},
         }
         if self.training_plan is not None:
@@ -353,6 +444,9 @@ class VAE:
                 "prior_config": self.prior.config(),
                 "architecture": {**asdict(self.architecture), "n_hidden": list(self.architecture.n_hidden)},
                 "layer": self.layer,
+                "covariates": self.covariates.to_dict(),
+                "library": self.module.cov.library,
+                "dispersion": self.module.cov.dispersion,
                 "var_names": [str(v) for v in self.var_names],
                 "history": {k: self.history[k].to_list() for k in self.history.columns},
                 "training_plan": asdict(self.training_plan) if self.training_plan else None,
@@ -367,7 +461,7 @@ class VAE:
             raise TypeError(f"expected an AnnData, got {type(adata).__name__}")
         check_genes(adata.var_names, self.var_names)
         return read_data(adata, layer=self.layer, kind=self.likelihood.data,
-                         allow_empty_genes=not for_training)
+                         allow_empty_genes=not for_training, covariates=self.covariates)
 
     @contextlib.contextmanager
     def _inference(self, seed: int) -> Iterator[None]:
@@ -380,9 +474,11 @@ class VAE:
         return data.batches(batch_size, self.device)
 
     @staticmethod
-    def _args(x: torch.Tensor) -> tuple:
+    def _args(minibatch: tuple) -> tuple:
         """Model and guide arguments for a whole batch (no minibatch scaling)."""
-        return x, x.sum(-1, keepdim=True), torch.arange(len(x), device=x.device), len(x)
+        x, covariates, batch, label = minibatch
+        index = torch.arange(len(x), device=x.device)
+        return x, x.sum(-1, keepdim=True), covariates, batch, label, index, len(x)
 
 
 def load(path: str | os.PathLike, adata: ad.AnnData | None = None, *,
@@ -401,6 +497,9 @@ def load(path: str | os.PathLike, adata: ad.AnnData | None = None, *,
         prior=get_prior(state["prior"], **state["prior_config"]),
         architecture=Architecture(**{**arch, "n_hidden": tuple(arch["n_hidden"])}),
         layer=state["layer"],
+        covariates=CovariateSpec(**state["covariates"]),
+        library=state["library"],
+        dispersion=state["dispersion"],
     )
     model.module.load_state_dict(state["state_dict"])
     model.module.to(resolve_device(device)).eval()

@@ -116,7 +116,7 @@ def test_reference_loss_and_gradients_equal_pyrovae_loss():
     reference.train()
     with seeded(5, torch.device("cpu")):
         loss_fn = TraceMeanField_ELBO()(model.module.model, model.module.guide)
-        expected = loss_fn(x, library, torch.arange(64), n_obs, kl_weight)
+        expected = loss_fn(x, library, None, None, None, torch.arange(64), n_obs, kl_weight)
     with seeded(5, torch.device("cpu")):
         got = reference(x, n_obs, kl_weight)
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-3)

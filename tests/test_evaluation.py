@@ -93,7 +93,7 @@ def test_the_mixture_weight_sums_the_cluster_exactly():
         for p in prior.parameters():
             p.normal_(0, 0.5)
     x = torch.poisson(torch.full((4, 5), 2.0))
-    args = (x, x.sum(-1, keepdim=True), torch.arange(4), 4)
+    args = (x, x.sum(-1, keepdim=True), None, None, None, torch.arange(4), 4)
     with torch.no_grad():
         torch.manual_seed(5)
         got = log_importance_weight(module.model, module.guide, args)

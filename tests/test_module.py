@@ -40,7 +40,7 @@ def batch(likelihood, n_cells=8, n_genes=12, seed=0):
 
 
 def args(x, library, n_obs=None, kl_weight=1.0):
-    return x, library, torch.arange(len(x)), n_obs or len(x), kl_weight
+    return x, library, None, None, None, torch.arange(len(x)), n_obs or len(x), kl_weight
 
 
 def test_every_registered_prior_has_a_case():
@@ -126,7 +126,7 @@ def test_model_generates_when_x_is_none():
     module = VAEModule(12, get_likelihood("zinb"), get_prior("normal"), ARCH).eval()
     library = torch.full((5, 1), 100.0)
     with torch.no_grad():
-        x = module.model(None, library, torch.arange(5), 5)
+        x = module.model(None, library, None, None, None, torch.arange(5), 5)
     assert x.shape == (5, 12)
     assert torch.all(x >= 0) and torch.equal(x, x.round())
 

@@ -31,7 +31,7 @@ def tiny_mixture(mode="enumerate", seed=0):
             p.normal_(0.0, 0.5)
     x = torch.poisson(torch.full((5, 6), 3.0))
     x[0, 0] = 0.0
-    args = (x, x.sum(-1, keepdim=True), torch.arange(5), 5)
+    args = (x, x.sum(-1, keepdim=True), None, None, None, torch.arange(5), 5)
     return module, args
 
 
@@ -200,7 +200,7 @@ def test_a_shared_posterior_runs_the_decoder_once_per_cell():
     prior = GaussianMixture(K, conditional_posterior=False, init="random")
     module = VAEModule(6, get_likelihood("nb"), prior, ARCH).eval()
     x = torch.poisson(torch.full((5, 6), 3.0))
-    args = (x, x.sum(-1, keepdim=True), torch.arange(5), 5)
+    args = (x, x.sum(-1, keepdim=True), None, None, None, torch.arange(5), 5)
     from pyro import poutine
 
     guide_trace = poutine.trace(poutine.enum(module.guide, first_available_dim=-2)).get_trace(*args)
