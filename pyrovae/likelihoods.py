@@ -172,7 +172,8 @@ class NegativeBinomial2(dist.GammaPoisson):
         new = self._get_checked_instance(NegativeBinomial2, _instance)
         batch_shape = torch.Size(batch_shape)
         new.log_mu = self.log_mu.expand(batch_shape)
-        new.log_theta = self.log_theta.expand(batch_shape)
+        # theta stays per gene (it broadcasts): lgamma(theta) keeps its gene-sized cost
+        new.log_theta = self.log_theta
         dist.TorchDistribution.__init__(new, batch_shape, validate_args=False)
         new._validate_args = self._validate_args
         return new

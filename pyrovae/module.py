@@ -28,11 +28,10 @@ import pyro
 import pyro.distributions as dist
 import torch
 from pyro import poutine
-from pyro.nn import PyroModule
 from torch import nn
 
 from .likelihoods import Likelihood
-from .nn import Architecture, Decoder, Encoder
+from .nn import Architecture, Decoder, Encoder, LocalPyroModule
 from .priors import Prior
 
 __all__ = ["Covariates", "Guide", "Model", "VAEModule", "with_covariates"]
@@ -85,7 +84,7 @@ def with_covariates(h: torch.Tensor, covariates: torch.Tensor | None) -> torch.T
     return torch.cat([h.expand(*shape, h.shape[-1]), covariates.expand(*shape, covariates.shape[-1])], -1)
 
 
-class Model(PyroModule):
+class Model(LocalPyroModule):
     """``z ~ prior``, ``l``, ``x_g | z, l ~ Likelihood(decoder(z, s), theta_g, l)`` per cell.
 
     With the default prior and ``likelihood="zinb"``::
@@ -151,7 +150,7 @@ class Model(PyroModule):
             return pyro.sample("x", px.to_event(1), obs=x)
 
 
-class Guide(PyroModule):
+class Guide(LocalPyroModule):
     """Encoders of ``log1p`` counts and covariates; the prior object samples the latent
     sites from the first (with the default prior ``q(z | x, s) = N(mu, diag(sigma^2))``),
     and a latent library has its own, ``q(l | x, s) = LogNormal(m(x, s), v(x, s))``."""

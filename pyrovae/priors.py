@@ -22,11 +22,10 @@ import pyro
 import pyro.distributions as dist
 import torch
 from pyro.infer import ELBO, Trace_ELBO, TraceEnum_ELBO, TraceMeanField_ELBO
-from pyro.nn import PyroModule
 from torch import nn
 from torch.nn import functional as F
 
-from .nn import Encoder
+from .nn import Encoder, LocalPyroModule
 
 __all__ = ["PRIORS", "GaussianMixture", "Prior", "StandardNormal", "VampPrior", "get_prior"]
 
@@ -40,7 +39,7 @@ def _inverse_scale(std):
     return np.log(np.expm1(np.asarray(std, dtype=np.float64) - SCALE_FLOOR))
 
 
-class Prior(PyroModule):
+class Prior(LocalPyroModule):
     """Base class: ``p(z) = N(0, I)`` and ``q(z | x) = N(loc(x), diag(scale(x)^2))``.
 
     Subclasses override :meth:`model` (and :meth:`guide` when they add latent sites to the
