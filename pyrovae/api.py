@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import replace
 from typing import Literal, Sequence
 
 import anndata as ad
 import numpy as np
+import pandas as pd
 
-from .data import CovariateSpec
+from .data import CovariateSpec, is_paths
 from .likelihoods import Likelihood
 from .nn import Architecture
 from .priors import GaussianMixture, Prior, get_prior
@@ -58,7 +60,10 @@ def fit(
     adata
         Cells x genes. Count likelihoods need raw counts (non-negative integers, dense or
         sparse, any numeric dtype); ``"continuous_bernoulli"`` needs values in [0, 1] and
-        ``"gaussian"`` real values (e.g. log-normalised).
+        ``"gaussian"`` real values (e.g. log-normalised). An AnnData opened with
+        ``backed="r"``, or the path of an ``.h5ad`` file or a list of them (sharing their
+        genes), is streamed chunk by chunk: memory does not grow with the number of cells.
+        Given paths, nothing is written anywhere: use the returned model's methods.
     likelihood
         Observation model: ``"poisson"``, ``"nb"``, ``"zip"``, ``"zinb"``,
         ``"continuous_bernoulli"`` or ``"gaussian"`` (see :mod:`pyrovae.likelihoods`).
@@ -129,7 +134,15 @@ def fit(
         validation_fraction=validation_fraction, early_stopping=early_stopping,
         patience=patience, seed=seed, device=device, progress=progress,
     )
-    total = max_epochs or default_max_epochs(adata.n_obs)
+    files = is_paths(adata)
+    if files:  # streamed from disk: the obs and genes are read, the counts chunk by chunk
+        parts = [ad.read_h5ad(p, backed="r") for p in ([adata] if isinstance(adata, (str, os.PathLike)) else adata)]
+        obs, var_names = pd.concat([p.obs for p in parts]), parts[0].var_names
+    elif isinstance(adata, ad.AnnData):
+        obs, var_names = adata.obs, adata.var_names
+    else:
+        raise TypeError(f"expected an AnnData or .h5ad path(s), got {type(adata).__name__}")
+    total = max_epochs or default_max_epochs(len(obs))
     if pretrain_epochs is None:
         pretrain_epochs = min(kl_warmup_epochs, total // 2)
     staged = (
@@ -137,11 +150,11 @@ def fit(
         and not bool(prior.initialized) and 0 < pretrain_epochs < total
     )
     covariates = CovariateSpec.from_obs(
-        adata.obs, batch_key=batch_key, categorical_covariate_keys=categorical_covariate_keys,
+        obs, batch_key=batch_key, categorical_covariate_keys=categorical_covariate_keys,
         continuous_covariate_keys=continuous_covariate_keys, labels_key=labels_key,
     )
     model = VAE(
-        adata.var_names,
+        var_names,
         likelihood=likelihood,
         prior="normal" if staged else prior,
         architecture=Architecture(n_latent=n_latent, n_hidden=hidden, dropout=dropout,
@@ -158,6 +171,8 @@ def fit(
         model.train(adata, replace(plan, max_epochs=total - pretrain_epochs, kl_warmup_epochs=0))
     else:
         model.train(adata, plan)
+    if files:
+        return model
     latent = model.get_latent(adata)
     adata.obsm[key_added] = latent
     record = {
@@ -173,8 +188,6 @@ def fit(
 
 def write_clusters(model: VAE, adata: ad.AnnData, record: dict) -> None:
     """Cluster assignments and probabilities into ``adata``; component means into ``record``."""
-    import pandas as pd
-
     probs = model.get_cluster_probs(adata)
     K = probs.shape[1]
     adata.obsm["pyrovae_cluster_probs"] = probs

@@ -507,5 +507,5 @@ def posterior_predictive_check(
         index = np.arange(start, min(start + batch_size, data.n_obs))
         block_seed = seed if b == 0 else int(np.random.SeedSequence([seed, b]).generate_state(1)[0])
         replicates = model.posterior_predictive_sample(adata[index], n_samples, seed=block_seed)
-        acc.add(data.X[index], replicates, data.obs_names[index])
+        acc.add(data.rows(index), replicates, data.obs_names[index])
     return acc.result(data.var_names)

@@ -6,6 +6,8 @@ AnnData or changes their matrix: conversions make copies.
 
 from __future__ import annotations
 
+import math
+import os
 from dataclasses import dataclass
 from typing import Iterator, Literal, Sequence
 
@@ -16,7 +18,8 @@ import scipy.sparse as sp
 import torch
 
 __all__ = [
-    "CountData", "CovariateSpec", "Encoded", "InvalidDataError", "check_genes", "read_data",
+    "BackedData", "CountData", "CovariateSpec", "Encoded", "InvalidDataError", "check_genes",
+    "is_paths", "near_equal_batches", "open_h5ad", "read_data",
 ]
 
 DataKind = Literal["counts", "unit_interval", "real"]
@@ -195,33 +198,33 @@ def _continuous(obs: pd.DataFrame, key: str) -> np.ndarray:
     return values
 
 
-@dataclass
-class CountData:
-    """A cells x genes matrix (CSR or dense, float32) and the cells' encoded covariates,
-    cut into dense minibatches on demand."""
+def _default_encoded(n: int) -> Encoded:
+    return Encoded(np.zeros((n, 0), np.float32), np.zeros(n, np.int64), np.zeros(n, np.int64))
 
-    X: sp.csr_matrix | np.ndarray
+
+def near_equal_batches(index: np.ndarray, batch_size: int, rng: np.random.Generator | None):
+    """``index`` cut into near-equal minibatches (shuffled when ``rng`` is given), each sorted;
+    never a batch of one cell, which batch norm cannot take."""
+    if rng is not None:
+        index = rng.permutation(index)
+    n_batches = max(1, math.ceil(len(index) / batch_size))
+    for chunk in np.array_split(index, n_batches):
+        yield np.sort(chunk)
+
+
+class _Cells:
+    """What the training loop and the fitted model need from a data source."""
+
     obs_names: pd.Index
     var_names: pd.Index
-    encoded: Encoded | None = None
-
-    def __post_init__(self):
-        if self.encoded is None:
-            n = self.X.shape[0]
-            self.encoded = Encoded(np.zeros((n, 0), np.float32), np.zeros(n, np.int64), np.zeros(n, np.int64))
-
-    @property
-    def n_obs(self) -> int:
-        return self.X.shape[0]
+    encoded: Encoded
 
     @property
     def n_vars(self) -> int:
-        return self.X.shape[1]
+        return len(self.var_names)
 
-    def rows(self, index: np.ndarray) -> np.ndarray:
-        """Dense ``float32`` copy of the given rows."""
-        block = self.X[index]
-        return block.toarray() if sp.issparse(block) else np.asarray(block)
+    def rows(self, index: np.ndarray) -> np.ndarray:  # pragma: no cover - abstract
+        raise NotImplementedError
 
     def batch(self, index: np.ndarray, device: torch.device | str = "cpu") -> torch.Tensor:
         """The given rows as a dense tensor on ``device``."""
@@ -234,9 +237,157 @@ class CountData:
 
     def batches(self, batch_size: int, device: torch.device | str = "cpu") -> Iterator[tuple]:
         """All cells in order, ``(index, (x, covariates, batch, label))`` per minibatch."""
-        for start in range(0, self.n_obs, batch_size):
-            index = np.arange(start, min(start + batch_size, self.n_obs))
-            yield index, self.minibatch(index, device)
+        return self.epoch(np.arange(self.n_obs), batch_size, None, device)
+
+    def epoch(self, index: np.ndarray, batch_size: int, rng: np.random.Generator | None,
+              device: torch.device | str = "cpu") -> Iterator[tuple]:
+        """One pass over the cells at ``index``: ``(index, minibatch)`` pairs, shuffled
+        when ``rng`` is given, in order otherwise."""
+        for chunk in near_equal_batches(index, batch_size, rng):
+            yield chunk, self.minibatch(chunk, device)
+
+
+@dataclass
+class CountData(_Cells):
+    """A cells x genes matrix in memory (CSR or dense, float32) and the cells' encoded
+    covariates, cut into dense minibatches on demand."""
+
+    X: sp.csr_matrix | np.ndarray
+    obs_names: pd.Index
+    var_names: pd.Index
+    encoded: Encoded | None = None
+
+    def __post_init__(self):
+        if self.encoded is None:
+            self.encoded = _default_encoded(self.X.shape[0])
+
+    @property
+    def n_obs(self) -> int:
+        return self.X.shape[0]
+
+    def rows(self, index: np.ndarray) -> np.ndarray:
+        """Dense ``float32`` copy of the given rows."""
+        block = self.X[index]
+        return block.toarray() if sp.issparse(block) else np.asarray(block)
+
+    def totals(self) -> np.ndarray:
+        """Each cell's total count."""
+        return np.asarray(self.X.sum(axis=1), dtype=np.float64).ravel()
+
+
+class BackedData(_Cells):
+    """Cells in one or more ``.h5ad`` files opened with ``backed="r"``, read in chunks of
+    consecutive rows: memory holds one chunk, whatever the number of cells.
+
+    A training epoch visits the chunks in random order and the cells of each chunk in
+    random order, minibatch by minibatch (chunk-wise shuffling, as ``AnnLoader`` and
+    scvi-tools' large-data loaders do).
+    """
+
+    def __init__(self, parts: Sequence[ad.AnnData], *, kind: DataKind = "counts",
+                 allow_empty_genes: bool = False, covariates: "CovariateSpec | None" = None,
+                 chunk_size: int = 16_384, names: Sequence[str] | None = None):
+        self.parts = list(parts)
+        self.chunk_size = chunk_size
+        names = list(names) if names is not None else [f"file {i}" for i in range(len(self.parts))]
+        first = self.parts[0]
+        for name, part in zip(names[1:], self.parts[1:]):
+            if not part.var_names.equals(first.var_names):
+                raise InvalidDataError(
+                    f"{name} has other genes than {names[0]} "
+                    f"({part.n_vars} vs {first.n_vars}, or another order): files trained "
+                    "together must share their var_names"
+                )
+        self.offsets = np.cumsum([0] + [p.n_obs for p in self.parts])
+        self.var_names = first.var_names.copy()
+        obs = pd.concat([p.obs for p in self.parts]) if len(self.parts) > 1 else first.obs
+        self.obs_names = pd.Index(obs.index)
+        if self.n_obs == 0 or self.n_vars == 0:
+            raise InvalidDataError(f"the data are empty ({self.n_obs} cells x {self.n_vars} genes)")
+        self.encoded = covariates.encode(obs) if covariates is not None else _default_encoded(self.n_obs)
+        self._totals = self._check(kind, allow_empty_genes)
+
+    @property
+    def n_obs(self) -> int:
+        return int(self.offsets[-1])
+
+    def totals(self) -> np.ndarray:
+        return self._totals
+
+    def block(self, start: int, stop: int) -> sp.csr_matrix:
+        """Rows ``start:stop`` (across files) as one float32 CSR matrix."""
+        pieces = []
+        for f, part in enumerate(self.parts):
+            lo, hi = max(start, self.offsets[f]), min(stop, self.offsets[f + 1])
+            if lo < hi:
+                piece = part.X[lo - self.offsets[f]: hi - self.offsets[f]]
+                pieces.append(sp.csr_matrix(_as_float32(piece, f"rows of file {f}")))
+        return pieces[0] if len(pieces) == 1 else sp.vstack(pieces, format="csr")
+
+    def rows(self, index: np.ndarray) -> np.ndarray:
+        index = np.asarray(index)
+        order = np.argsort(index, kind="stable")
+        out = np.empty((len(index), self.n_vars), np.float32)
+        for f, part in enumerate(self.parts):
+            mine = order[(index[order] >= self.offsets[f]) & (index[order] < self.offsets[f + 1])]
+            if len(mine):
+                local = index[mine] - self.offsets[f]
+                block = part.X[local]
+                out[mine] = block.toarray() if sp.issparse(block) else np.asarray(block)
+        return out
+
+    def epoch(self, index, batch_size, rng, device="cpu"):
+        index = np.sort(np.asarray(index))
+        groups = list(np.array_split(index, max(1, math.ceil(len(index) / self.chunk_size))))
+        if rng is not None:
+            groups = [groups[g] for g in rng.permutation(len(groups))]
+        for group in groups:
+            start, stop = int(group[0]), int(group[-1]) + 1
+            chunk = self.block(start, stop)
+            for cells in near_equal_batches(group, batch_size, rng):
+                x = chunk[cells - start]
+                x = torch.from_numpy(x.toarray()).to(device)
+                yield cells, (x, *self.encoded.rows(cells).to(device))
+
+    def _check(self, kind: DataKind, allow_empty_genes: bool) -> np.ndarray:
+        """One pass over all chunks: the value checks of :func:`read_data`; returns the
+        cells' totals."""
+        totals = np.empty(self.n_obs)
+        gene_totals = np.zeros(self.n_vars)
+        for start in range(0, self.n_obs, self.chunk_size):
+            stop = min(start + self.chunk_size, self.n_obs)
+            chunk = self.block(start, stop)
+            where = f"X (cells {start}..{stop - 1})"
+            _check_values(chunk, kind, where, self.obs_names[start:stop], self.var_names)
+            totals[start:stop] = np.asarray(chunk.sum(axis=1)).ravel()
+            gene_totals += np.asarray(chunk.sum(axis=0)).ravel()
+        if kind == "counts":
+            _report_empty(totals, gene_totals if not allow_empty_genes else None, "X",
+                          self.obs_names, self.var_names)
+        return totals
+
+
+def is_paths(source) -> bool:
+    """Whether ``source`` names ``.h5ad`` files (a path or a list of paths)."""
+    if isinstance(source, (str, os.PathLike)):
+        return True
+    return isinstance(source, (list, tuple)) and bool(source) and all(
+        isinstance(p, (str, os.PathLike)) for p in source)
+
+
+def open_h5ad(paths: str | os.PathLike | Sequence[str | os.PathLike], *,
+              genes: Sequence[str] | None = None, **options) -> BackedData:
+    """Open one or more ``.h5ad`` files with ``backed="r"`` as one data source
+    (:class:`BackedData`, checked chunk by chunk); the files must share their genes, which
+    must be ``genes`` when given."""
+    paths = [paths] if isinstance(paths, (str, os.PathLike)) else list(paths)
+    missing = [str(p) for p in paths if not os.path.exists(p)]
+    if missing:
+        raise FileNotFoundError(f"no such file: {missing}")
+    parts = [ad.read_h5ad(p, backed="r") for p in paths]
+    if genes is not None:
+        check_genes(parts[0].var_names, genes)
+    return BackedData(parts, names=[str(p) for p in paths], **options)
 
 
 def read_data(
@@ -266,6 +417,9 @@ def read_data(
             f"the AnnData is empty ({adata.n_obs} cells x {adata.n_vars} genes): nothing to model"
         )
     where = "adata.X" if layer is None else f"adata.layers[{layer!r}]"
+    if adata.isbacked and layer is None:
+        return BackedData([adata], kind=kind, allow_empty_genes=allow_empty_genes,
+                          covariates=covariates)
     if layer is None:
         X = adata.X
         if X is None:
@@ -390,20 +544,25 @@ def _check_values(X, kind: DataKind, where: str, obs_names, var_names) -> None:
 
 def _check_not_empty(X, where: str, obs_names, var_names, *, genes: bool) -> None:
     cell_totals = np.asarray(X.sum(axis=1)).ravel()
+    gene_totals = np.asarray(X.sum(axis=0)).ravel() if genes else None
+    _report_empty(cell_totals, gene_totals, where, obs_names, var_names)
+
+
+def _report_empty(cell_totals, gene_totals, where: str, obs_names, var_names) -> None:
+    """Raise for cells (and, unless ``gene_totals`` is None, genes) without counts."""
     empty = np.flatnonzero(cell_totals == 0)
     if len(empty):
         raise InvalidDataError(
-            f"{len(empty):,} of {X.shape[0]:,} cells have no counts in {where} "
+            f"{len(empty):,} of {len(cell_totals):,} cells have no counts in {where} "
             f"(e.g. {_examples(obs_names[empty])}); remove them first, e.g. with "
             "sc.pp.filter_cells(adata, min_counts=1)"
         )
-    if not genes:
+    if gene_totals is None:
         return
-    gene_totals = np.asarray(X.sum(axis=0)).ravel()
     empty = np.flatnonzero(gene_totals == 0)
     if len(empty):
         raise InvalidDataError(
-            f"{len(empty):,} of {X.shape[1]:,} genes have no counts in any cell of {where} "
+            f"{len(empty):,} of {len(gene_totals):,} genes have no counts in any cell of {where} "
             f"(e.g. {_examples(var_names[empty])}); remove them first, e.g. with "
             "sc.pp.filter_genes(adata, min_cells=1)"
         )

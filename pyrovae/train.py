@@ -118,15 +118,6 @@ def split_cells(n_obs: int, fraction: float, rng: np.random.Generator) -> tuple[
     return np.sort(perm[n_val:]), np.sort(perm[:n_val])
 
 
-def _minibatches(index: np.ndarray, batch_size: int, rng: np.random.Generator | None):
-    """Near-equal minibatches (never a batch of one cell, which batch norm cannot take)."""
-    if rng is not None:
-        index = rng.permutation(index)
-    n_batches = max(1, math.ceil(len(index) / batch_size))
-    for chunk in np.array_split(index, n_batches):
-        yield np.sort(chunk)
-
-
 def adam(params, plan: TrainingPlan) -> torch.optim.Adam:
     """scVI's Adam (``eps=0.01``), fused into one kernel where torch offers it."""
     params = list(params)
@@ -141,16 +132,16 @@ def evaluate_loss(loss_fn, data: CountData, index: np.ndarray, batch_size: int, 
     """The ELBO per cell of the given cells (KL weight 1), estimated by ``loss_fn``'s ELBO."""
     total = 0.0
     with torch.no_grad():
-        for chunk in _minibatches(index, batch_size, None):
-            args = model_args(data, chunk, device, n_obs=len(chunk))
+        for chunk, minibatch in data.epoch(index, batch_size, None, device):
+            args = model_args(minibatch, chunk, n_obs=len(chunk))
             total += loss_fn.elbo.loss(loss_fn.model, loss_fn.guide, *args)
     return -total / len(index)
 
 
-def model_args(data: CountData, index: np.ndarray, device, n_obs: int) -> tuple:
-    """The model's and guide's arguments for the cells at ``index`` of ``data``, as a
-    minibatch of a data set of ``n_obs`` cells."""
-    x, covariates, batch, label = data.minibatch(index, device)
+def model_args(minibatch: tuple, index: np.ndarray, n_obs: int) -> tuple:
+    """The model's and guide's arguments for a minibatch ``(x, covariates, batch, label)``
+    of the cells at ``index``, in a data set of ``n_obs`` cells."""
+    x, covariates, batch, label = minibatch
     index = torch.as_tensor(index, device=x.device)
     return x, x.sum(-1, keepdim=True), covariates, batch, label, index, n_obs
 
@@ -162,7 +153,7 @@ def prepare(module: VAEModule, data: CountData, index: np.ndarray, device,
     up to ``n_max`` cells."""
     likelihood, model = module.model.likelihood, module.model
     if likelihood.is_count and not bool(module.library_fitted):
-        logs = np.log(np.asarray(data.X[index].sum(1)).ravel())
+        logs = np.log(data.totals()[index])
         batches = data.encoded.batch[index]
         for b in range(len(model.library_loc)):
             mine = logs[batches == b] if (batches == b).any() else logs
@@ -213,8 +204,8 @@ def train(module: VAEModule, data: CountData, plan: TrainingPlan) -> pd.DataFram
             module.prior.on_epoch(epoch)
             module.train()
             total = torch.zeros((), device=device)
-            for chunk in _minibatches(train_idx, plan.batch_size, rng):
-                loss = loss_fn(*model_args(data, chunk, device, n_train), kl_weight)
+            for chunk, minibatch in data.epoch(train_idx, plan.batch_size, rng, device):
+                loss = loss_fn(*model_args(minibatch, chunk, n_train), kl_weight)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()

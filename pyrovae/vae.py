@@ -14,7 +14,7 @@ import pyro
 import torch
 
 from . import __version__
-from .data import CountData, CovariateSpec, check_genes, read_data
+from .data import CountData, CovariateSpec, check_genes, is_paths, open_h5ad, read_data
 from .inference import elbo_per_cell, marginal_log_likelihood, posterior_predictive
 from .likelihoods import Likelihood, get_likelihood
 from .module import Covariates, Dispersion, LibrarySize, VAEModule
@@ -456,9 +456,16 @@ class VAE:
         )
 
     # ------------------------------------------------------------------ helpers
-    def _read(self, adata: ad.AnnData, *, for_training: bool = False) -> CountData:
+    def _read(self, adata, *, for_training: bool = False) -> CountData:
+        """The data of an AnnData (in memory or ``backed="r"``), or of ``.h5ad`` files
+        (a path or a list of paths, streamed), checked for this model."""
+        if is_paths(adata):
+            if self.layer is not None:
+                raise ValueError("files are streamed from their X; a model of a layer needs an AnnData")
+            return open_h5ad(adata, genes=self.var_names, kind=self.likelihood.data,
+                             allow_empty_genes=not for_training, covariates=self.covariates)
         if not isinstance(adata, ad.AnnData):
-            raise TypeError(f"expected an AnnData, got {type(adata).__name__}")
+            raise TypeError(f"expected an AnnData or .h5ad path(s), got {type(adata).__name__}")
         check_genes(adata.var_names, self.var_names)
         return read_data(adata, layer=self.layer, kind=self.likelihood.data,
                          allow_empty_genes=not for_training, covariates=self.covariates)
