@@ -108,7 +108,8 @@ def fit(
         Regularisation of the hidden layers (dropout in the encoder only).
     max_epochs, batch_size, lr, kl_warmup_epochs, validation_fraction, early_stopping, patience, seed, device, progress
         How to train; see :class:`pyrovae.train.TrainingPlan`. ``max_epochs=None``
-        chooses ``min(400, 8e6 / n_cells)``.
+        chooses ``min(400, 8e6 / n_cells)``. Launched with ``torchrun``, training is
+        data parallel over the processes (see :mod:`pyrovae.distributed`).
     key_added
         Key of the latent means in ``adata.obsm``.
 

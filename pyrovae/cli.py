@@ -64,6 +64,10 @@ def main(argv: list[str] | None = None) -> int:
     except InvalidDataError as err:
         print(f"pyrovae: {args.input}: {err}", file=sys.stderr)
         return 2
+    from .distributed import rank_and_size
+
+    if rank_and_size()[0] != 0:  # under torchrun: every rank trained, rank 0 writes
+        return 0
     adata.write_h5ad(args.output)
     if args.model:
         model.save(args.model)

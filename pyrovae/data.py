@@ -18,8 +18,8 @@ import scipy.sparse as sp
 import torch
 
 __all__ = [
-    "BackedData", "CountData", "CovariateSpec", "Encoded", "InvalidDataError", "check_genes",
-    "is_paths", "near_equal_batches", "open_h5ad", "read_data",
+    "BackedData", "CountData", "CovariateSpec", "DeviceData", "Encoded", "InvalidDataError", "check_genes",
+    "is_paths", "near_equal_batches", "on_device", "open_h5ad", "read_data",
 ]
 
 DataKind = Literal["counts", "unit_interval", "real"]
@@ -202,13 +202,23 @@ def _default_encoded(n: int) -> Encoded:
     return Encoded(np.zeros((n, 0), np.float32), np.zeros(n, np.int64), np.zeros(n, np.int64))
 
 
-def near_equal_batches(index: np.ndarray, batch_size: int, rng: np.random.Generator | None):
+Shard = tuple[int, int]  # (rank, number of ranks) of a process in multi-process training
+
+
+def near_equal_batches(index: np.ndarray, batch_size: int, rng: np.random.Generator | None,
+                       shard: Shard = (0, 1)):
     """``index`` cut into near-equal minibatches (shuffled when ``rng`` is given), each sorted;
-    never a batch of one cell, which batch norm cannot take."""
+    never a batch of one cell, which batch norm cannot take.
+
+    With ``shard=(rank, size)`` the cells are cut into a multiple of ``size`` minibatches
+    and this rank gets every ``size``-th: the ranks see disjoint cells, together all of
+    them, in the same number of steps (``rng`` must be seeded alike on every rank).
+    """
+    rank, size = shard
     if rng is not None:
         index = rng.permutation(index)
-    n_batches = max(1, math.ceil(len(index) / batch_size))
-    for chunk in np.array_split(index, n_batches):
+    n_batches = max(1, math.ceil(len(index) / (batch_size * size))) * size
+    for chunk in np.array_split(index, n_batches)[rank::size]:
         yield np.sort(chunk)
 
 
@@ -240,11 +250,13 @@ class _Cells:
         return self.epoch(np.arange(self.n_obs), batch_size, None, device)
 
     def epoch(self, index: np.ndarray, batch_size: int, rng: np.random.Generator | None,
-              device: torch.device | str = "cpu") -> Iterator[tuple]:
+              device: torch.device | str = "cpu", shard: Shard = (0, 1)) -> Iterator[tuple]:
         """One pass over the cells at ``index``: ``(index, minibatch)`` pairs, shuffled
-        when ``rng`` is given, in order otherwise."""
-        for chunk in near_equal_batches(index, batch_size, rng):
-            yield chunk, self.minibatch(chunk, device)
+        when ``rng`` is given, in order otherwise; this rank's share under ``shard``
+        (see :func:`near_equal_batches`)."""
+        for chunk in near_equal_batches(index, batch_size, rng, shard):
+            if len(chunk):
+                yield chunk, self.minibatch(chunk, device)
 
 
 @dataclass
@@ -273,6 +285,65 @@ class CountData(_Cells):
     def totals(self) -> np.ndarray:
         """Each cell's total count."""
         return np.asarray(self.X.sum(axis=1), dtype=np.float64).ravel()
+
+    @property
+    def nbytes(self) -> int:
+        X = self.X
+        return X.data.nbytes + X.indices.nbytes + X.indptr.nbytes if sp.issparse(X) else X.nbytes
+
+
+class DeviceData(_Cells):
+    """A :class:`CountData` moved once to a device (a GPU): minibatches are cut there, so
+    an epoch copies nothing from the host. A CSR matrix stays CSR on the device and each
+    minibatch is scattered into a dense block by index arithmetic."""
+
+    def __init__(self, data: CountData, device: torch.device | str):
+        self.device = torch.device(device)
+        self.obs_names, self.var_names, self.encoded = data.obs_names, data.var_names, data.encoded
+        self.n_obs, self._totals = data.n_obs, data.totals()
+        X = data.X
+        self.sparse = sp.issparse(X)
+        if self.sparse:
+            self.indptr = torch.from_numpy(X.indptr.astype(np.int64)).to(self.device)
+            self.indices = torch.from_numpy(X.indices).to(self.device)
+            self.values = torch.from_numpy(X.data).to(self.device)
+        else:
+            self.dense = torch.from_numpy(X).to(self.device)
+        covariates, self.batch_index, self.label = self.encoded.to(self.device)
+        self.covariates = covariates
+
+    def totals(self) -> np.ndarray:
+        return self._totals
+
+    def rows(self, index: np.ndarray) -> np.ndarray:
+        return self.batch(index).cpu().numpy()
+
+    def batch(self, index, device=None) -> torch.Tensor:
+        index = torch.as_tensor(index, device=self.device)
+        if not self.sparse:
+            return self.dense[index]
+        starts, stops = self.indptr[index], self.indptr[index + 1]
+        counts = stops - starts
+        rows = torch.repeat_interleave(torch.arange(len(index), device=self.device), counts)
+        first = torch.cumsum(counts, 0) - counts  # where each row's values start in the output
+        positions = starts[rows] + torch.arange(len(rows), device=self.device) - first[rows]
+        x = torch.zeros(len(index), self.n_vars, device=self.device)
+        x[rows, self.indices[positions].long()] = self.values[positions]
+        return x
+
+    def minibatch(self, index, device=None):
+        where = torch.as_tensor(index, device=self.device)
+        covariates = self.covariates[where] if self.covariates is not None else None
+        return self.batch(where), covariates, self.batch_index[where], self.label[where]
+
+
+def on_device(data: _Cells, device: torch.device, share: float = 0.5) -> _Cells:
+    """``data`` moved to a GPU ``device`` once when it takes less than ``share`` of the free
+    memory there; otherwise (and on the CPU, or for streamed data) ``data`` itself."""
+    if device.type != "cuda" or not isinstance(data, CountData):
+        return data
+    free, _ = torch.cuda.mem_get_info(device)
+    return DeviceData(data, device) if data.nbytes < share * free else data
 
 
 class BackedData(_Cells):
@@ -336,15 +407,19 @@ class BackedData(_Cells):
                 out[mine] = block.toarray() if sp.issparse(block) else np.asarray(block)
         return out
 
-    def epoch(self, index, batch_size, rng, device="cpu"):
+    def epoch(self, index, batch_size, rng, device="cpu", shard=(0, 1)):
         index = np.sort(np.asarray(index))
         groups = list(np.array_split(index, max(1, math.ceil(len(index) / self.chunk_size))))
         if rng is not None:
             groups = [groups[g] for g in rng.permutation(len(groups))]
         for group in groups:
+            if not len(group):
+                continue
             start, stop = int(group[0]), int(group[-1]) + 1
-            chunk = self.block(start, stop)
-            for cells in near_equal_batches(group, batch_size, rng):
+            chunk = self.block(start, stop)  # every rank reads the chunk and takes its share
+            for cells in near_equal_batches(group, batch_size, rng, shard):
+                if not len(cells):
+                    continue
                 x = chunk[cells - start]
                 x = torch.from_numpy(x.toarray()).to(device)
                 yield cells, (x, *self.encoded.rows(cells).to(device))

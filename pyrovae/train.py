@@ -14,7 +14,8 @@ import pyro
 import torch
 from tqdm.auto import tqdm
 
-from .data import CountData
+from . import distributed
+from .data import CountData, Shard, on_device
 from .module import VAEModule
 
 __all__ = ["TrainingDivergedError", "TrainingPlan", "default_max_epochs", "resolve_device", "train"]
@@ -32,7 +33,8 @@ class TrainingPlan:
         Passes over the training cells; ``None`` picks scVI's rule,
         ``min(400, 8e6 / n_cells)``.
     batch_size
-        Cells per minibatch.
+        Cells per minibatch (per process when training on several, see
+        :mod:`pyrovae.distributed`).
     lr, weight_decay
         Adam's learning rate and L2 penalty.
     kl_warmup_epochs
@@ -51,7 +53,8 @@ class TrainingPlan:
         Seeds the split, the minibatches, the Monte Carlo draws and dropout: a CPU run is
         reproducible bit for bit. The caller's global random state is left as it was.
     device
-        ``"auto"`` (CUDA when available), ``"cpu"``, ``"cuda"`` or ``"cuda:1"``.
+        ``"auto"`` (CUDA when available), ``"cpu"``, ``"cuda"`` or ``"cuda:1"``. On a GPU
+        the counts are moved there once when they take under half its free memory.
     progress
         Show a progress bar.
     """
@@ -128,14 +131,16 @@ def adam(params, plan: TrainingPlan) -> torch.optim.Adam:
         return torch.optim.Adam(params, **options)
 
 
-def evaluate_loss(loss_fn, data: CountData, index: np.ndarray, batch_size: int, device) -> float:
-    """The ELBO per cell of the given cells (KL weight 1), estimated by ``loss_fn``'s ELBO."""
-    total = 0.0
+def evaluate_loss(loss_fn, data: CountData, index: np.ndarray, batch_size: int, device,
+                  shard: Shard = (0, 1)) -> float:
+    """The ELBO per cell of the given cells (KL weight 1), estimated by ``loss_fn``'s ELBO;
+    with several processes each scores its share and the sum is shared."""
+    total = torch.zeros((), dtype=torch.float64, device=device)
     with torch.no_grad():
-        for chunk, minibatch in data.epoch(index, batch_size, None, device):
+        for chunk, minibatch in data.epoch(index, batch_size, None, device, shard):
             args = model_args(minibatch, chunk, n_obs=len(chunk))
             total += loss_fn.elbo.loss(loss_fn.model, loss_fn.guide, *args)
-    return -total / len(index)
+    return -float(distributed.all_reduce_sum(total)) / len(index)
 
 
 def model_args(minibatch: tuple, index: np.ndarray, n_obs: int) -> tuple:
@@ -182,21 +187,27 @@ def train(module: VAEModule, data: CountData, plan: TrainingPlan) -> pd.DataFram
     weight; NaN without validation cells) and ``seconds``.
     """
     device = resolve_device(plan.device)
+    distributed.join(device)
+    device = distributed.local_device(device)
+    shard = distributed.rank_and_size()
     module.to(device)
-    rng = np.random.default_rng(plan.seed)
+    data = on_device(data, device)
+    rng = np.random.default_rng(plan.seed)  # alike on every rank: the same split and batches
     train_idx, val_idx = split_cells(data.n_obs, plan.validation_fraction, rng)
     n_train = len(train_idx)
     max_epochs = plan.max_epochs or default_max_epochs(data.n_obs)
     rows, best, best_state, waited = [], -math.inf, None, 0
     # the data were checked once when read: Pyro's per-step argument and support checks
     # would only repeat that work (several ms per step at 2,000 genes)
-    with seeded(plan.seed, device), pyro.validation_enabled(False):
+    # (each rank draws its own Monte Carlo noise and dropout)
+    with seeded(plan.seed + 7919 * shard[0], device), pyro.validation_enabled(False):
         prepare(module, data, train_idx, device, rng)
         loss_fn = module.prior.elbo(plan.analytic_kl)(module.model, module.guide)
-        optimizer = adam(loss_fn.parameters(), plan)
+        step_fn = distributed.wrap(loss_fn, device)  # DistributedDataParallel when several
+        optimizer = adam(step_fn.parameters(), plan)
         bar = tqdm(
-            range(max_epochs), desc="training", unit="epoch", disable=not plan.progress,
-            mininterval=0.5,
+            range(max_epochs), desc="training", unit="epoch",
+            disable=not plan.progress or shard[0] != 0, mininterval=0.5,
         )
         for epoch in bar:
             start = time.perf_counter()
@@ -204,21 +215,22 @@ def train(module: VAEModule, data: CountData, plan: TrainingPlan) -> pd.DataFram
             module.prior.on_epoch(epoch)
             module.train()
             total = torch.zeros((), device=device)
-            for chunk, minibatch in data.epoch(train_idx, plan.batch_size, rng, device):
-                loss = loss_fn(*model_args(minibatch, chunk, n_train), kl_weight)
+            for chunk, minibatch in data.epoch(train_idx, plan.batch_size, rng, device, shard):
+                loss = step_fn(*model_args(minibatch, chunk, n_train), kl_weight)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
                 total += loss.detach() * len(chunk)
-            train_elbo = -float(total) / n_train / n_train
+            train_elbo = -float(distributed.all_reduce_sum(total)) / n_train / n_train
             if not math.isfinite(train_elbo):
                 raise TrainingDivergedError(
                     f"the training loss became {train_elbo} at epoch {epoch + 1}; "
                     "try a smaller lr, or check the data"
                 )
+            distributed.share_buffers(module)
             module.eval()
             val_elbo = (
-                evaluate_loss(loss_fn, data, val_idx, 1024, device) if len(val_idx) else math.nan
+                evaluate_loss(loss_fn, data, val_idx, 1024, device, shard) if len(val_idx) else math.nan
             )
             rows.append((epoch + 1, kl_weight, train_elbo, val_elbo, time.perf_counter() - start))
             bar.set_postfix(train_elbo=f"{train_elbo:.1f}", val_elbo=f"{val_elbo:.1f}")

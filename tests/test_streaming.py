@@ -106,3 +106,28 @@ def test_posterior_predictive_check_on_backed_anndata(sim, files, quick):
     memory = model.posterior_predictive_check(sim[200:].copy(), n_samples=5, seed=0)
     pd.testing.assert_frame_equal(check.cells, memory.cells)
     pd.testing.assert_frame_equal(check.genes, memory.genes)
+
+
+@pytest.mark.parametrize("sparse", [True, False])
+def test_device_resident_data_cuts_the_same_minibatches(sim, sparse):
+    from pyrovae.data import DeviceData
+
+    adata = sim.copy()
+    if not sparse:
+        adata.X = adata.X.toarray()
+    memory = read_data(adata)
+    on_device = DeviceData(memory, "cpu")  # the GPU code path, run on the CPU
+    index = np.array([0, 3, 4, 150, 299])
+    for got, want in zip(on_device.minibatch(index), memory.minibatch(index)):
+        assert (got is None and want is None) or torch.equal(got, want)
+    np.testing.assert_array_equal(on_device.totals(), memory.totals())
+
+
+def test_training_from_device_resident_data_matches(sim, quick, monkeypatch):
+    from pyrovae import train as training
+    from pyrovae.data import DeviceData
+
+    plain = pyrovae.fit(sim.copy(), **quick)
+    monkeypatch.setattr(training, "on_device", lambda data, device: DeviceData(data, device))
+    moved = pyrovae.fit(sim.copy(), **quick)
+    np.testing.assert_allclose(moved.history["train_elbo"], plain.history["train_elbo"], rtol=1e-6)
