@@ -5,7 +5,7 @@
 The counts (``pyrovae.datasets.simulate(cells, genes)``, ZINB, CSR float32) are simulated
 once and written to ``benchmarks/.cache/simulated_<cells>x<genes>.h5ad`` (ignored by git;
 reused by later runs). Then each way of training runs in a fresh process, so that its peak
-resident memory (``ru_maxrss``) is its own:
+resident memory (``VmHWM``) is its own:
 
 * ``baseline``: ``import pyrovae`` and one step on a tiny AnnData: what any run costs;
 * ``in-memory``: ``ad.read_h5ad(path)``, then ``pyrovae.fit(adata, max_epochs=E)``
@@ -29,11 +29,17 @@ import time
 from pathlib import Path
 
 GIB = 1024**3
-CACHE = Path(__file__).resolve().parent / ".cache"
+CACHE = Path(__file__).resolve().parent / ".cache"  # also read by data.simulated
 
 
 def peak_gib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / GIB  # Linux: KiB
+    """This process's peak resident memory: ``VmHWM`` of its address space. (Not
+    ``ru_maxrss``, which a child inherits from its parent across fork and exec.)"""
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024 / GIB  # kB
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / GIB
 
 
 def simulate_to_disk(cells: int, genes: int) -> Path:

@@ -204,3 +204,15 @@ def test_speed_scaling_mode_runs(capsys, keep_threads):
                          "--contenders", "pyrovae", "reference", "--threads", "1"])
     assert len(result["rows"]) == 4
     assert "1.00 = linear" in capsys.readouterr().out
+
+
+def test_memory_benchmark_runs_each_mode_in_its_own_process(tmp_path, monkeypatch, capsys):
+    from benchmarks import memory
+
+    monkeypatch.setattr(memory, "CACHE", tmp_path)
+    result = memory.main(["--cells", "400", "--genes", "60", "--modes", "in-memory", "backed"])
+    assert (tmp_path / "simulated_400x60.h5ad").exists()
+    assert [r["mode"] for r in result["rows"]] == ["in-memory", "backed"]
+    for row in result["rows"]:
+        assert 0.1 < row["peak_gib"] < 4 and row["seconds_per_epoch"] > 0
+    assert "bound 2.00 GiB: met" in capsys.readouterr().out
