@@ -16,6 +16,7 @@ if TYPE_CHECKING:
     from .criticism import PosteriorPredictiveCheck
 
 __all__ = [
+    "plot_clusters",
     "plot_embedding",
     "plot_history",
     "plot_latent_activity",
@@ -90,6 +91,33 @@ def plot_embedding(coords: np.ndarray, labels, *, title: str = "", ax=None, poin
     ax.legend(loc="center left", bbox_to_anchor=(1.0, 0.5), frameon=False, fontsize="small",
               markerscale=2)
     return ax
+
+
+def plot_clusters(adata: ad.AnnData, *, label_key: str | None = None,
+                  cluster_key: str = "pyrovae_cluster", use_rep: str = "X_pyrovae",
+                  seed: int = 0, path: str | os.PathLike | None = None) -> "Figure":
+    """UMAP of the latent space coloured by the mixture's clusters and, side by side, by
+    known labels (``adata.obs[label_key]``).
+
+    The UMAP is ``adata.obsm["X_umap"]`` when there is one, else computed from
+    ``adata.obsm[use_rep]`` (``adata`` is not modified). After ``pyrovae.fit(adata,
+    prior="gmm")`` the clusters are in ``adata.obs["pyrovae_cluster"]``.
+    """
+    import matplotlib.pyplot as plt
+
+    keys = [cluster_key] + ([label_key] if label_key else [])
+    for key in keys:
+        if key not in adata.obs:
+            hint = (" (fit with a mixture prior, e.g. pyrovae.fit(adata, prior='gmm'))"
+                    if key == cluster_key else "")
+            raise KeyError(f"adata.obs[{key!r}] not found{hint}; adata.obs has {list(adata.obs.columns)}")
+    coords = adata.obsm["X_umap"] if "X_umap" in adata.obsm else umap(adata, use_rep=use_rep, seed=seed)
+    fig, axes = plt.subplots(1, len(keys), figsize=(7.5 * len(keys), 5), squeeze=False)
+    for ax, key in zip(axes[0], keys):
+        title = "mixture clusters, argmax q(y | x)" if key == cluster_key else key
+        plot_embedding(coords, adata.obs[key].to_numpy(), title=title, ax=ax)
+    fig.tight_layout()
+    return _saved(fig, path)
 
 
 # ---------------------------------------------------------------------------- latent space

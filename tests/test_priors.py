@@ -259,3 +259,22 @@ def test_unknown_mixture_mode():
     with pytest.raises(ValueError, match="at least 2"):
         GaussianMixture(1)
     assert StandardNormal().n_clusters is None
+
+
+def test_plot_clusters_beside_known_labels(small, quick, tmp_path):
+    import matplotlib.pyplot as plt
+
+    with pytest.raises(KeyError, match="prior='gmm'"):
+        pyrovae.plotting.plot_clusters(small)
+    pyrovae.fit(small, "nb", prior="gmm", n_clusters=4, **quick)
+    before = set(small.obsm)
+    fig = pyrovae.plotting.plot_clusters(small, label_key="cluster", path=tmp_path / "clusters.png")
+    assert (tmp_path / "clusters.png").stat().st_size > 0 and set(small.obsm) == before
+    left, right = fig.axes
+    assert "q(y | x)" in left.get_title() and right.get_title() == "cluster"
+    # one scatter per category, each with that category's cells
+    sizes = {c.get_label(): len(c.get_offsets()) for c in left.collections}
+    counts = small.obs["pyrovae_cluster"].value_counts()
+    assert sum(sizes.values()) == small.n_obs
+    assert all(sizes[f"{k} ({n})"] == n for k, n in counts.items() if n)
+    plt.close("all")
