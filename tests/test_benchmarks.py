@@ -204,3 +204,16 @@ def test_speed_scaling_mode_runs(capsys, keep_threads):
                          "--contenders", "pyrovae", "reference", "--threads", "1"])
     assert len(result["rows"]) == 4
     assert "1.00 = linear" in capsys.readouterr().out
+
+
+def test_likelihoods_benchmark_runs(tmp_path, capsys, keep_threads):
+    from benchmarks import likelihoods
+
+    table = likelihoods.main(["--data", "simulated:120x30", "--epochs", "2", "--n-samples", "5",
+                              "--label-key", "cluster", "--threads", "1",
+                              "--plot", str(tmp_path / "comparison.png")])
+    assert sorted(table["likelihood"]) == sorted(likelihoods.LIKELIHOODS)
+    assert table["gap"].max() == 0 and (table["gap"] <= 0).all()
+    assert table["kmeans_ari"].notna().all()
+    assert (tmp_path / "comparison_simulated-120x30_seed0.png").exists()
+    assert "marginal_ll" in capsys.readouterr().out
