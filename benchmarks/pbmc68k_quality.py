@@ -1,6 +1,6 @@
 """Held-out ELBO on pbmc68k: pyrovae's defaults, and scvi-tools' SCVI when installed.
 
-    python benchmarks/pbmc68k_quality.py [--seeds 0 1 2] [--no-scvi]
+    python benchmarks/pbmc68k_quality.py [--seeds 0 1 2] [--no-scvi] [--threads 1]
 
 The split is the one the project's quality bar names: cells permuted with
 ``numpy.random.default_rng(0)``, the first 70 held out, the other 630 trained on. pyrovae
@@ -56,7 +56,12 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--no-scvi", action="store_true")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch threads (1: steady on a shared machine; see benchmarks/README.md)")
     args = parser.parse_args()
+    import torch
+
+    torch.set_num_threads(args.threads)
 
     contenders = {"pyrovae": run_pyrovae}
     if not args.no_scvi:

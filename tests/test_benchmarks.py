@@ -216,3 +216,15 @@ def test_memory_benchmark_runs_each_mode_in_its_own_process(tmp_path, monkeypatc
     for row in result["rows"]:
         assert 0.1 < row["peak_gib"] < 4 and row["seconds_per_epoch"] > 0
     assert "bound 2.00 GiB: met" in capsys.readouterr().out
+
+def test_likelihoods_benchmark_runs(tmp_path, capsys, keep_threads):
+    from benchmarks import likelihoods
+
+    table = likelihoods.main(["--data", "simulated:120x30", "--epochs", "2", "--n-samples", "5",
+                              "--label-key", "cluster", "--threads", "1",
+                              "--plot", str(tmp_path / "comparison.png")])
+    assert sorted(table["likelihood"]) == sorted(likelihoods.LIKELIHOODS)
+    assert table["gap"].max() == 0 and (table["gap"] <= 0).all()
+    assert table["kmeans_ari"].notna().all()
+    assert (tmp_path / "comparison_simulated-120x30_seed0.png").exists()
+    assert "marginal_ll" in capsys.readouterr().out
