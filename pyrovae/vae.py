@@ -92,6 +92,7 @@ class VAE:
         if library == "latent" and not self.likelihood.is_count:
             raise ValueError(f"a latent library needs a count likelihood, not {self.likelihood.name!r}")
         cov = Covariates(spec.n_covariates, spec.n_batches, spec.n_labels, library, dispersion)
+        self.seed = seed  # also seeds the weights of a prior swapped in later
         with seeded(seed, torch.device("cpu")):
             self.module = VAEModule(
                 len(self.var_names), self.likelihood, get_prior(prior), self.architecture, cov
@@ -126,7 +127,8 @@ class VAE:
                 x, covariates, _, _ = data.minibatch(pick, self.device)
                 x = module.guide.encoder_input(x, covariates)
                 latent = self.prior.latent_mean(module.guide.encoder, x)
-        module.set_prior(new)
+        with seeded(getattr(self, "seed", 0), torch.device("cpu")):  # its networks' initial weights
+            module.set_prior(new)
         if adata is not None and hasattr(new, "initialized"):
             new.initialize(latent, x)
         return self
