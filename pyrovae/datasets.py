@@ -187,7 +187,7 @@ def simulate(
         obs["batch"] = pd.Categorical([names[b] for b in batches], categories=names)
     if condition is not None:
         obs["condition"] = pd.Categorical(np.where(condition == 1, "B", "A"), categories=["A", "B"])
-        var["de"] = log_fold_change != 0
+        var["de"] = np.isin(np.arange(n_genes), de_genes)
         var["true_log_fold_change"] = log_fold_change
     out = ad.AnnData(X=X, obs=obs, var=var)
     out.obsm["X_true_latent"] = z.astype(np.float32)
