@@ -4,6 +4,7 @@
 >>> adata = pyrovae.datasets.pbmc68k()
 >>> model = pyrovae.fit(adata, likelihood="zinb")      # writes adata.obsm["X_pyrovae"]
 >>> expr = model.get_normalized_expression(adata)
+>>> table = model.differential_expression(adata, "cell_type", "CD14+ Monocyte")
 """
 
 __version__ = "0.1.0"
@@ -15,7 +16,7 @@ import pyro  # noqa: E402
 # after importing pyrovae (the user's own too) follow this setting.
 pyro.settings.set(module_local_params=True)
 
-from . import criticism, datasets, likelihoods, metrics, plotting, priors  # noqa: E402
+from . import criticism, datasets, de, imputation, likelihoods, metrics, plotting, priors  # noqa: E402
 from .api import fit  # noqa: E402
 from .compare import compare  # noqa: E402
 from .criticism import posterior_predictive_check  # noqa: E402
@@ -33,7 +34,9 @@ __all__ = [
     "compare",
     "criticism",
     "datasets",
+    "de",
     "fit",
+    "imputation",
     "likelihoods",
     "load",
     "metrics",

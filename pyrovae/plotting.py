@@ -1,5 +1,5 @@
-"""Figures: training curves, 2-D views and activity of the latent space, and posterior
-predictive checks."""
+"""Figures: training curves, 2-D views and activity of the latent space, posterior
+predictive checks, and volcano plots of differential expression."""
 
 from __future__ import annotations
 
@@ -25,6 +25,7 @@ __all__ = [
     "plot_ppc_dispersion",
     "plot_ppc_zeros",
     "umap",
+    "volcano",
 ]
 
 
@@ -293,6 +294,73 @@ def _plot_observed_vs_replicated(genes: pd.DataFrame, statistic: str, *, log: bo
     ax.set_title(f"{label} per gene")
     ax.legend(frameon=False, fontsize="small")
     return _saved(ax.figure, path)
+
+
+# ---------------------------------------------------------------------------- differential expression
+def volcano(table: pd.DataFrame, *, n_labels: int = 10, bayes_factor: float = 3.0,
+            delta: float | None = None, ax=None, path: str | os.PathLike | None = None):
+    """Volcano plot of a differential expression table: ``lfc_mean`` against the Bayes factor.
+
+    Genes whose Bayes factor is above ``bayes_factor`` and whose ``|lfc_mean|`` is above
+    ``delta`` are drawn in colour (up in group 1 red, down blue), the others grey; the
+    ``n_labels`` genes with the most evidence (the table's first rows among the coloured
+    ones) are labelled with their names.
+
+    Parameters
+    ----------
+    table
+        The result of :meth:`pyrovae.VAE.differential_expression` (any DataFrame indexed by
+        gene with ``lfc_mean`` and ``bayes_factor`` columns, sorted by evidence).
+    n_labels
+        How many genes to label.
+    bayes_factor
+        Evidence to call a gene: 3 is ``P(|LFC| > delta) > 0.95``.
+    delta
+        Smallest ``|lfc_mean|`` to call a gene; the table's ``attrs["delta"]`` (or 0) when
+        None. Drawn as dashed lines.
+    ax, path
+        Axes to draw on (a new figure if None); a file to save the figure to.
+
+    Returns
+    -------
+    The matplotlib Axes.
+    """
+    import matplotlib.pyplot as plt
+
+    missing = [c for c in ("lfc_mean", "bayes_factor") if c not in table.columns]
+    if missing:
+        raise KeyError(f"the table has no column {missing}; expected the result of "
+                       "VAE.differential_expression")
+    if ax is None:
+        _, ax = plt.subplots(figsize=(6, 5))
+    if delta is None:
+        delta = float(table.attrs.get("delta", 0.0))
+    lfc, evidence = table["lfc_mean"].to_numpy(), table["bayes_factor"].to_numpy()
+    first, second = table.attrs.get("group1", "group 1"), table.attrs.get("group2", "group 2")
+    called = (evidence > bayes_factor) & (np.abs(lfc) > delta)
+    groups = [(~called, "lightgrey", "not called"), (called & (lfc > 0), "C3", f"up in {first}"),
+              (called & (lfc < 0), "C0", f"down in {first}")]
+    for mask, color, name in groups:
+        ax.scatter(lfc[mask], evidence[mask], s=8, color=color, linewidths=0,
+                   label=f"{name} ({mask.sum()})")
+    # many genes share the largest Bayes factor (p = 1): stack the labels of close points
+    width, height = np.ptp(lfc) or 1.0, np.ptp(evidence) or 1.0
+    lines: dict[int, int] = {}  # labelled gene -> line of its label below the point
+    for i in np.flatnonzero(called)[:n_labels]:
+        near = [line for j, line in lines.items()
+                if abs(lfc[j] - lfc[i]) < 0.15 * width and abs(evidence[j] - evidence[i]) < 0.05 * height]
+        lines[i] = max(near) + 1 if near else 0
+        ax.annotate(str(table.index[i]), (lfc[i], evidence[i]), fontsize="x-small",
+                    xytext=(4, 2 - 9 * lines[i]), textcoords="offset points",
+                    arrowprops={"arrowstyle": "-", "lw": 0.4, "color": "grey"} if lines[i] else None)
+    ax.axhline(bayes_factor, color="grey", lw=0.8, ls="--")
+    for x in (-delta, delta) if delta > 0 else ():
+        ax.axvline(x, color="grey", lw=0.8, ls="--")
+    ax.set_xlabel(f"mean log2 fold change, {first} over {second}")
+    ax.set_ylabel("Bayes factor, log P(|LFC| > delta) / P(|LFC| <= delta)")
+    ax.legend(frameon=False, fontsize="small")
+    _saved(ax.figure, path)
+    return ax
 
 
 def _saved(fig: "Figure", path: str | os.PathLike | None) -> "Figure":

@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import os
 from dataclasses import asdict, replace
-from typing import Any, Iterator, Sequence
+from typing import Any, Hashable, Iterator, Literal, Sequence
 
 import anndata as ad
 import numpy as np
@@ -370,6 +370,37 @@ class VAE:
         from .criticism import posterior_predictive_check
 
         return posterior_predictive_check(self, adata, n_samples=n_samples, seed=seed)
+
+    def differential_expression(
+        self,
+        adata: ad.AnnData,
+        groupby: str,
+        group1: Hashable | Sequence[Hashable],
+        group2: Hashable | Sequence[Hashable] | None = None,
+        *,
+        delta: float = 0.25,
+        mode: Literal["groups", "cells"] = "groups",
+        n_samples: int = 10,
+        batch_size: int = 1024,
+        seed: int = 0,
+        **options,
+    ) -> pd.DataFrame:
+        """Differential expression of the cells with ``adata.obs[groupby]`` in ``group1``
+        against those in ``group2`` (all other cells when None), one row per gene sorted
+        by evidence: ``lfc_mean`` (log2, group 1 over group 2), ``proba_de``
+        (``P(|LFC| > delta)``), ``bayes_factor``, ``expression1``, ``expression2``, ...
+
+        See :func:`pyrovae.de.differential_expression` for the method, the columns and
+        ``options`` (``transform_batch``, ``max_cells``, ``n_comparisons``,
+        ``pseudocount``, ``library_size``); draw a volcano plot of the result with
+        :func:`pyrovae.plotting.volcano`. ``adata`` is not modified.
+        """
+        from .de import differential_expression
+
+        return differential_expression(
+            self, adata, groupby, group1, group2, delta=delta, mode=mode, n_samples=n_samples,
+            batch_size=batch_size, seed=seed, **options,
+        )
 
     def latent_metrics(self, adata: ad.AnnData, *, label_key: str | None = None,
                        batch_key: str | None = None) -> dict[str, float]:

@@ -1,10 +1,14 @@
 import matplotlib
 import numpy as np
 import pytest
+import torch
 
 import pyrovae
 
 matplotlib.use("Agg")
+# The tests train tiny networks: one thread is fastest, and on a shared machine a second
+# intra-op thread that is descheduled makes every operator wait (up to 10x slower here).
+torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="session")

@@ -9,6 +9,7 @@ from pyro import poutine
 from pyro.util import check_model_guide_match, check_site_shape
 
 import pyrovae
+from pyrovae import metrics
 from pyrovae.data import CovariateSpec, InvalidDataError
 from pyrovae.likelihoods import LIKELIHOODS, get_likelihood
 from pyrovae.module import Covariates, VAEModule
@@ -224,3 +225,24 @@ def test_settings_and_save_load_keep_the_covariates(with_batches, tmp_path):
     loaded = pyrovae.load(tmp_path / "m.pt", adata)
     np.testing.assert_array_equal(loaded.get_latent(adata), model.get_latent(adata))
     adata.write_h5ad(tmp_path / "a.h5ad")
+
+
+def test_a_batch_key_mixes_the_batches_and_keeps_the_cell_types_apart():
+    """Two batches whose genes differ by factors exp(N(0, 1)): without the batch key the
+    latent space separates the batches; with it they mix, and the clusters stay apart."""
+    adata = pyrovae.datasets.simulate(600, 100, 4, likelihood="nb", n_batches=2, batch_effect=1.0,
+                                      seed=0)
+    scores = {}
+    for key in (None, "batch"):
+        model = pyrovae.fit(adata.copy(), "nb", batch_key=key, max_epochs=30, progress=False)
+        latent = model.get_latent(adata)
+        scores[key] = {
+            "entropy": metrics.batch_mixing_entropy(latent, adata.obs["batch"]),
+            "silhouette_batch": metrics.silhouette(latent, adata.obs["batch"]),
+            "silhouette_cluster": metrics.silhouette(latent, adata.obs["cluster"]),
+            "ari": metrics.kmeans_scores(latent, adata.obs["cluster"])["ari"],
+        }
+    without, with_key = scores[None], scores["batch"]
+    assert with_key["entropy"] > without["entropy"] + 0.1  # log 2 = 0.69 is perfect mixing
+    assert abs(with_key["silhouette_batch"]) < 0.5 * abs(without["silhouette_batch"])
+    assert with_key["ari"] > 0.9 and with_key["silhouette_cluster"] > 0.3
