@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from dataclasses import replace
 from typing import Literal, Sequence
 
@@ -10,7 +9,7 @@ import anndata as ad
 import numpy as np
 import pandas as pd
 
-from .data import CovariateSpec, is_paths
+from .data import CovariateSpec, is_paths, open_backed
 from .likelihoods import Likelihood
 from .nn import Architecture
 from .priors import GaussianMixture, Prior, get_prior
@@ -137,7 +136,7 @@ def fit(
     )
     files = is_paths(adata)
     if files:  # streamed from disk: the obs and genes are read, the counts chunk by chunk
-        parts = [ad.read_h5ad(p, backed="r") for p in ([adata] if isinstance(adata, (str, os.PathLike)) else adata)]
+        _, parts = open_backed(adata)
         obs, var_names = pd.concat([p.obs for p in parts]), parts[0].var_names
     elif isinstance(adata, ad.AnnData):
         obs, var_names = adata.obs, adata.var_names

@@ -19,7 +19,7 @@ import torch
 
 __all__ = [
     "BackedData", "CountData", "CovariateSpec", "DeviceData", "Encoded", "InvalidDataError", "check_genes",
-    "is_paths", "near_equal_batches", "on_device", "open_h5ad", "read_data",
+    "is_paths", "near_equal_batches", "on_device", "open_backed", "open_h5ad", "read_data",
 ]
 
 DataKind = Literal["counts", "unit_interval", "real"]
@@ -450,19 +450,25 @@ def is_paths(source) -> bool:
         isinstance(p, (str, os.PathLike)) for p in source)
 
 
+def open_backed(paths: str | os.PathLike | Sequence[str | os.PathLike]) -> tuple[list[str], list[ad.AnnData]]:
+    """The ``.h5ad`` file(s) at ``paths`` opened with ``backed="r"`` (obs in memory, X on
+    disk), with their paths as a list."""
+    paths = [str(paths)] if isinstance(paths, (str, os.PathLike)) else [str(p) for p in paths]
+    missing = [p for p in paths if not os.path.exists(p)]
+    if missing:
+        raise FileNotFoundError(f"no such file: {missing}")
+    return paths, [ad.read_h5ad(p, backed="r") for p in paths]
+
+
 def open_h5ad(paths: str | os.PathLike | Sequence[str | os.PathLike], *,
               genes: Sequence[str] | None = None, **options) -> BackedData:
     """Open one or more ``.h5ad`` files with ``backed="r"`` as one data source
     (:class:`BackedData`, checked chunk by chunk); the files must share their genes, which
     must be ``genes`` when given."""
-    paths = [paths] if isinstance(paths, (str, os.PathLike)) else list(paths)
-    missing = [str(p) for p in paths if not os.path.exists(p)]
-    if missing:
-        raise FileNotFoundError(f"no such file: {missing}")
-    parts = [ad.read_h5ad(p, backed="r") for p in paths]
+    paths, parts = open_backed(paths)
     if genes is not None:
         check_genes(parts[0].var_names, genes)
-    return BackedData(parts, names=[str(p) for p in paths], **options)
+    return BackedData(parts, names=paths, **options)
 
 
 def read_data(

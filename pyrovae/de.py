@@ -42,7 +42,7 @@ import anndata as ad
 import numpy as np
 import pandas as pd
 
-from .data import InvalidDataError
+from .data import InvalidDataError, _require_column
 
 if TYPE_CHECKING:
     from .vae import VAE
@@ -174,10 +174,7 @@ def select_groups(
     ValueError
         If the two groups share a value.
     """
-    if groupby not in obs.columns:
-        raise InvalidDataError(
-            f"adata.obs[{groupby!r}] not found; adata.obs has columns {list(obs.columns)}"
-        )
+    _require_column(obs, groupby)
     column = obs[groupby]
     known = column.notna().to_numpy()
     values = np.where(known, column.astype(str).to_numpy(), "")

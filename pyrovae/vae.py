@@ -127,7 +127,7 @@ class VAE:
                 x, covariates, _, _ = data.minibatch(pick, self.device)
                 x = module.guide.encoder_input(x, covariates)
                 latent = self.prior.latent_mean(module.guide.encoder, x)
-        with seeded(getattr(self, "seed", 0), torch.device("cpu")):  # its networks' initial weights
+        with seeded(self.seed, torch.device("cpu")):  # its networks' initial weights
             module.set_prior(new)
         if adata is not None and hasattr(new, "initialized"):
             new.initialize(latent, x)

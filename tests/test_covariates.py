@@ -6,7 +6,6 @@ import pyro
 import pytest
 import torch
 from pyro import poutine
-from pyro.util import check_model_guide_match, check_site_shape
 
 import pyrovae
 from pyrovae import metrics
@@ -15,6 +14,7 @@ from pyrovae.likelihoods import LIKELIHOODS, get_likelihood
 from pyrovae.module import Covariates, VAEModule
 from pyrovae.nn import Architecture
 from pyrovae.priors import GaussianMixture, StandardNormal
+from tests.checks import checked_traces
 
 ARCH = Architecture(n_latent=3, n_hidden=(16,))
 
@@ -62,14 +62,7 @@ def test_every_option_through_model_and_guide(cov, likelihood, prior):
     module = VAEModule(12, get_likelihood(likelihood), make_prior(), ARCH, cov)
     args = minibatch(likelihood, cov)
     with pyro.validation_enabled(True):
-        guide_trace = poutine.trace(module.guide).get_trace(*args)
-        model_trace = poutine.trace(poutine.replay(module.model, trace=guide_trace)).get_trace(*args)
-        check_model_guide_match(model_trace, guide_trace, max_plate_nesting=1)
-        for trace in (model_trace, guide_trace):
-            trace.compute_log_prob()
-            for site in trace.nodes.values():
-                if site["type"] == "sample":
-                    check_site_shape(site, max_plate_nesting=1)
+        model_trace, _ = checked_traces(module.model, module.guide, *args)
         assert ("l" in model_trace.nodes) == (cov.library == "latent")
         loss_fn = module.prior.elbo()(module.model, module.guide)
         loss = loss_fn(*args)

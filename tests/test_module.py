@@ -4,14 +4,13 @@ import numpy as np
 import pyro
 import pytest
 import torch
-from pyro import poutine
 from pyro.infer import Trace_ELBO, TraceMeanField_ELBO
-from pyro.util import check_model_guide_match, check_site_shape
 
 from pyrovae.likelihoods import LIKELIHOODS, get_likelihood
 from pyrovae.module import VAEModule
 from pyrovae.nn import Architecture
 from pyrovae.priors import GaussianMixture, StandardNormal, VampPrior, get_prior
+from tests.checks import checked_traces
 
 ARCH = Architecture(n_latent=3, n_hidden=(16,))
 
@@ -56,16 +55,7 @@ def test_model_and_guide_match_and_take_a_finite_step(likelihood, prior):
     x, library = batch(likelihood)
     module = VAEModule(x.shape[1], get_likelihood(likelihood), PRIOR_CASES[prior](), ARCH)
     with pyro.validation_enabled(True):
-        guide_trace = poutine.trace(module.guide).get_trace(*args(x, library))
-        model_trace = poutine.trace(poutine.replay(module.model, trace=guide_trace)).get_trace(
-            *args(x, library)
-        )
-        check_model_guide_match(model_trace, guide_trace, max_plate_nesting=1)
-        for trace in (model_trace, guide_trace):
-            trace.compute_log_prob()
-            for site in trace.nodes.values():
-                if site["type"] == "sample":
-                    check_site_shape(site, max_plate_nesting=1)
+        model_trace, _ = checked_traces(module.model, module.guide, *args(x, library))
         assert model_trace.nodes["x"]["is_observed"]
         assert model_trace.nodes["x"]["fn"].batch_shape == (len(x),)
 
