@@ -94,8 +94,8 @@ def fit(
         training: summed out exactly by enumeration, relaxed by Gumbel-Softmax, or
         marginalised out of the prior.
     pretrain_epochs
-        For a mixture whose components start from the latent space (``init="kmeans"``,
-        the default, or ``"leiden"``): epochs of a standard-normal VAE first, whose posterior means then place
+        For a mixture whose components start from the latent space (``init="leiden"``,
+        the default, or ``"kmeans"``): epochs of a standard-normal VAE first, whose posterior means then place
         the components; the mixture trains for the remaining epochs, with its KL at full
         weight. ``None`` takes the KL warm-up (``kl_warmup_epochs``), at most half of
         ``max_epochs``; ``0`` trains the mixture from the first epoch.

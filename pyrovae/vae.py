@@ -111,7 +111,7 @@ class VAE:
         """Swap the prior, keeping the encoder and decoder weights; returns ``self``.
 
         With ``adata``, the new prior initialises itself from the current posterior means
-        of its cells (a mixture with ``init="kmeans"`` runs KMeans on them); without, it
+        of its cells (a mixture clusters them, by Leiden unless told ``init="kmeans"``); without, it
         does so when training resumes. Then continue with :meth:`train`::
 
             model.set_prior("gmm", adata, n_clusters=10)

@@ -146,7 +146,7 @@ def test_swapping_the_prior_keeps_the_networks_and_training_goes_on(sim, quick):
     decoder = {k: v.clone() for k, v in model.module.model.decoder.state_dict().items()}
     encoder = {k: v.clone() for k, v in model.module.guide.encoder.state_dict().items()}
     latent = model.get_latent(sim)
-    model.set_prior("gmm", sim, n_clusters=4)
+    model.set_prior("gmm", sim, n_clusters=4, init="kmeans")
     for name, value in model.module.model.decoder.state_dict().items():
         assert torch.equal(value, decoder[name]), name
     for name, value in model.module.guide.encoder.state_dict().items():
