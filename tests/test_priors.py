@@ -15,7 +15,7 @@ from pyrovae.inference import elbo_per_cell
 from pyrovae.likelihoods import get_likelihood
 from pyrovae.module import VAEModule
 from pyrovae.nn import Architecture
-from pyrovae.priors import GaussianMixture, StandardNormal, VampPrior
+from pyrovae.priors import GaussianMixture, StandardNormal, VampPrior, kmeans_labels, leiden_labels
 
 ARCH = Architecture(n_latent=2, n_hidden=(8,))
 K = 3
@@ -162,6 +162,47 @@ def test_swapping_the_prior_keeps_the_networks_and_training_goes_on(sim, quick):
     model.train(sim, max_epochs=3, progress=False)
     assert np.isfinite(model.history["train_elbo"]).all() and len(model.history) == 8
     assert model.get_cluster_probs(sim).shape == (sim.n_obs, 4)
+
+
+def unequal_clusters():
+    """A long, thin cluster of 500 points and two tight ones of 30 each beside it."""
+    rng = np.random.default_rng(0)
+    points = np.vstack([
+        rng.normal(size=(500, 2)) * [6.0, 0.4],
+        rng.normal(size=(30, 2)) * 0.3 + [0.0, 5.0],
+        rng.normal(size=(30, 2)) * 0.3 + [0.0, -5.0],
+    ])
+    return points, np.repeat([0, 1, 2], [500, 30, 30])
+
+
+@pytest.mark.parametrize("k", [2, 3, 4, 7])
+def test_leiden_labels_gives_exactly_k_clusters(k):
+    points, _ = unequal_clusters()
+    labels = leiden_labels(points, k)
+    assert sorted(np.unique(labels)) == list(range(k))
+
+
+def test_leiden_follows_clusters_kmeans_cuts():
+    points, truth = unequal_clusters()
+    assert adjusted_rand_score(truth, leiden_labels(points, 3)) == 1.0
+    assert adjusted_rand_score(truth, kmeans_labels(points, 3)) < 0.2  # cuts the long one
+
+
+def test_leiden_initialisation_places_components_on_its_clusters():
+    points, truth = unequal_clusters()
+    prior = GaussianMixture(3, mode="marginal")
+    assert prior.init == "leiden" and prior.learn_weights  # the defaults
+    VAEModule(6, get_likelihood("nb"), prior, Architecture(n_latent=2, n_hidden=(8,)))
+    prior.initialize(torch.as_tensor(points, dtype=torch.float32), torch.zeros(len(points), 6))
+    locs = prior.locs.detach().numpy()
+    means = np.stack([points[truth == k].mean(0) for k in range(3)])
+    match = [int(np.linalg.norm(locs - m, axis=1).argmin()) for m in means]  # cluster -> component
+    assert sorted(match) == [0, 1, 2]
+    np.testing.assert_allclose(locs[match], means, atol=1e-4)
+    shares = prior.weight_logits.softmax(-1).detach().numpy()[match]
+    np.testing.assert_allclose(shares, (np.array([500, 30, 30]) + 1) / (560 + 3), rtol=1e-5)
+    # each component's spread is its own cluster's, not a common one
+    np.testing.assert_allclose(prior.scales.detach().numpy()[match[0]], points[truth == 0].std(0), rtol=1e-3)
 
 
 def test_models_with_different_priors_live_side_by_side(sim, quick):
