@@ -318,7 +318,29 @@ class GaussianMixture(Prior):
             if self.learn_weights:
                 share = (counts + 1.0) / (counts.sum() + self.K)
                 self.weight_logits.copy_(torch.as_tensor(np.log(share), dtype=self.locs.dtype))
+        if self.mode != "marginal":
+            self._fit_classifier(latent.detach(), x)
         self.initialized.fill_(True)
+
+    def _fit_classifier(self, latent: torch.Tensor, x: torch.Tensor, steps: int = 300) -> None:
+        """Start ``q(y | x)`` at the new components' responsibilities for the cells' latent
+        means, ``p(y | z = E_q[z | x])``: a fresh classifier would put every cell in every
+        cluster alike at first, and the components would drift from where they started."""
+        encoder = self.__dict__["_owner"]
+        was_training = encoder.training
+        encoder.eval()
+        with torch.no_grad():
+            h = encoder.body(x)
+            log_prior = self.weight_logits.log_softmax(-1)
+            target = (self._components().log_prob(latent.unsqueeze(-2)) + log_prior).softmax(-1)
+        encoder.train(was_training)
+        optimizer = torch.optim.Adam(self.classifier.parameters(), lr=0.05)
+        with torch.enable_grad():
+            for _ in range(steps):
+                optimizer.zero_grad()
+                loss = -(target * self.classifier(h).log_softmax(-1)).sum(-1).mean()
+                loss.backward()
+                optimizer.step()
 
     # ---- summaries of q --------------------------------------------------------
     def cluster_probs(self, encoder: Encoder, x: torch.Tensor, n_samples: int = 32) -> torch.Tensor:

@@ -164,6 +164,21 @@ def test_swapping_the_prior_keeps_the_networks_and_training_goes_on(sim, quick):
     assert model.get_cluster_probs(sim).shape == (sim.n_obs, 4)
 
 
+@pytest.mark.parametrize("mode", ["enumerate", "gumbel"])
+def test_a_swapped_mixture_starts_q_y_at_its_components(sim, quick, mode):
+    """The classifier ``q(y | x)`` of a new mixture starts at the components' responsibilities
+    for the cells' latent means, not at a uniform guess."""
+    model = pyrovae.fit(sim.copy(), "zinb", **{**quick, "max_epochs": 5})
+    latent = torch.as_tensor(model.get_latent(sim))
+    model.set_prior("gmm", sim, n_clusters=4, mode=mode)
+    prior = model.prior
+    with torch.no_grad():
+        log_joint = prior._components().log_prob(latent.unsqueeze(-2)) + prior.weight_logits.log_softmax(-1)
+    bayes = log_joint.argmax(-1).numpy()
+    assert len(np.unique(bayes)) == 4
+    assert (model.get_cluster_probs(sim).argmax(1) == bayes).mean() > 0.95
+
+
 def unequal_clusters():
     """A long, thin cluster of 500 points and two tight ones of 30 each beside it."""
     rng = np.random.default_rng(0)
