@@ -47,6 +47,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import pyrovae  # noqa: E402
 from benchmarks import data  # noqa: E402
+from benchmarks.tables import markdown  # noqa: E402
 from pyrovae import metrics  # noqa: E402
 from pyrovae.imputation import imputation_benchmark  # noqa: E402
 
@@ -141,16 +142,6 @@ def over_seeds(table: pd.DataFrame) -> pd.DataFrame:
     out = out.agg(mean_sd).reset_index()
     out.insert(2, "seeds", len(table["seed"].unique()))
     return out
-
-
-def markdown(table: pd.DataFrame, digits: int = 3) -> str:
-    """A GitHub table of ``table`` (floats rounded to ``digits``)."""
-    def cell(value):
-        return f"{value:.{digits}f}" if isinstance(value, float) else str(value)
-
-    lines = ["| " + " | ".join(table.columns) + " |", "|" + "---|" * len(table.columns)]
-    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in table.itertuples(index=False)]
-    return "\n".join(lines)
 
 
 def main():

@@ -45,6 +45,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import pyrovae  # noqa: E402
 from benchmarks import data as datasets  # noqa: E402
+from benchmarks.tables import markdown  # noqa: E402
 from pyrovae.data import read_data  # noqa: E402
 from pyrovae.priors import GaussianMixture  # noqa: E402
 
@@ -71,8 +72,9 @@ def gradient_variance(model: pyrovae.VAE, adata, n_replicates: int = 64, seed: i
 
 
 def run(name: str, adata, seed: int, n_clusters: list[int] | None = None,
-        init: str | None = None, max_epochs: int | None = None) -> list[dict]:
-    labels = adata.obs["cell_type"].astype(str).to_numpy()
+        init: str | None = None, max_epochs: int | None = None,
+        label_key: str = "cell_type") -> list[dict]:
+    labels = adata.obs[label_key].astype(str).to_numpy()
     perm = np.random.default_rng(0).permutation(adata.n_obs)
     n_test = adata.n_obs // 10
     train, test = adata[np.sort(perm[n_test:])].copy(), adata[np.sort(perm[:n_test])].copy()
@@ -128,7 +130,7 @@ def summarize(table: pd.DataFrame) -> pd.DataFrame:
     )
 
 
-def main():
+def main(argv: list[str] | None = None) -> pd.DataFrame:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", nargs="+", default=["pbmc68k", "bladder"])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
@@ -143,7 +145,10 @@ def main():
     parser.add_argument("--summarize", nargs="+", default=None, metavar="CSV",
                         help="fit nothing: print the summary of rows written by earlier runs "
                              "(e.g. one process per seed)")
-    args = parser.parse_args()
+    parser.add_argument("--markdown", action="store_true",
+                        help="print the per-seed rows and the summary as GitHub tables")
+    parser.add_argument("--label-key", default="cell_type", help="obs column of the known labels")
+    args = parser.parse_args(argv)
     if args.summarize:
         table = pd.concat([pd.read_csv(path) for path in args.summarize], ignore_index=True)
     else:
@@ -154,14 +159,22 @@ def main():
             if adata is None:
                 continue
             for seed in args.seeds:
-                rows += run(name, adata, seed, args.n_clusters, args.init, args.max_epochs)
+                rows += run(name, adata, seed, args.n_clusters, args.init, args.max_epochs,
+                             args.label_key)
         table = pd.DataFrame(rows)
         if args.csv:
             table.to_csv(args.csv, index=False)
+    if args.markdown:
+        for name, rows in table.groupby("data", sort=False):
+            rows = rows.sort_values(["K", "seed"], kind="stable").drop(columns="data")
+            print(f"\n## {name}\n\n{markdown(rows, digits=4)}\n")
+            print(markdown(summarize(rows.assign(data=name)).reset_index().drop(columns="data")))
+        return table
     with pd.option_context("display.width", 200, "display.max_columns", None,
                            "display.float_format", "{:.3f}".format):
         print()
         print(summarize(table))
+    return table
 
 
 if __name__ == "__main__":

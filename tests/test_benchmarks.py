@@ -228,3 +228,20 @@ def test_likelihoods_benchmark_runs(tmp_path, capsys, keep_threads):
     assert table["kmeans_ari"].notna().all()
     assert (tmp_path / "comparison_simulated-120x30_seed0.png").exists()
     assert "marginal_ll" in capsys.readouterr().out
+
+
+def test_mixtures_benchmark_runs(tmp_path, capsys, keep_threads):
+    from benchmarks import mixtures
+
+    csv = tmp_path / "rows.csv"
+    table = mixtures.main(["--data", "simulated:150x30", "--n-clusters", "2", "3", "--max-epochs", "4",
+                           "--label-key", "cluster", "--threads", "1", "--csv", str(csv)])
+    assert list(table["K"]) == [2] * 4 + [3] * 4
+    assert list(table["contender"][:4]) == ["normal + KMeans"] + mixtures.MODES
+    assert table[["held_out_elbo", "ari", "nmi"]].notna().all().all()
+    assert table["grad_rel_var"].isna().sum() == 2  # the baseline has no mixture gradient
+    capsys.readouterr()
+    again = mixtures.main(["--summarize", str(csv), str(csv), "--markdown"])
+    out = capsys.readouterr().out
+    assert len(again) == 16 and "| K | contender | held_out_elbo |" in out
+
