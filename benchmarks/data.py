@@ -16,6 +16,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Iterable, Iterator
 
 import anndata as ad
 import numpy as np
@@ -23,7 +24,7 @@ import scipy.sparse as sp
 
 import pyrovae
 
-__all__ = ["BLADDER_PATH", "bladder", "load", "pbmc68k", "simulated"]
+__all__ = ["BLADDER_PATH", "bladder", "load", "pbmc68k", "present", "simulated"]
 
 REPOSITORY = Path(__file__).resolve().parents[1]
 BLADDER_PATH = REPOSITORY / ".." / "shared" / "data" / "mouse_bladder_2100.h5ad"
@@ -91,3 +92,12 @@ def load(name: str) -> ad.AnnData | None:
         cells, _, genes = size.partition("x")
         return simulated(int(cells), int(genes) if genes else 2000)
     raise ValueError(f"unknown data set {name!r}: pbmc68k, bladder or simulated:<cells>[x<genes>]")
+
+
+def present(names: Iterable[str]) -> Iterator[tuple[str, ad.AnnData]]:
+    """``(name, adata)`` for each data set of ``names`` that is there; an absent one is
+    skipped (its loader says so)."""
+    for name in names:
+        adata = load(name)
+        if adata is not None:
+            yield name, adata

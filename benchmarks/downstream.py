@@ -110,11 +110,7 @@ def differential_expression(epochs: int | None) -> pd.DataFrame:
 
 def imputation(epochs: int | None, seeds: list[int]) -> pd.DataFrame:
     rows = []
-    for name, load in (("pbmc68k", data.pbmc68k), ("bladder", data.bladder)):
-        adata = load()
-        if adata is None:
-            print(f"imputation on {name}: data absent, skipped")
-            continue
+    for name, adata in data.present(["pbmc68k", "bladder"]):
         for seed in seeds:
             start = time.perf_counter()
             result = imputation_benchmark(adata, fraction=0.1, seed=seed, likelihood="zinb",

@@ -95,10 +95,7 @@ def main(argv=None) -> pd.DataFrame:
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     tables = []
-    for name in args.data:
-        adata = datasets.load(name)
-        if adata is None:
-            continue
+    for name, adata in datasets.present(args.data):
         for seed in args.seeds:
             table = run(name, adata, seed, likelihoods=args.likelihoods, epochs=args.epochs,
                         n_samples=args.n_samples, label_key=args.label_key, plot=args.plot)

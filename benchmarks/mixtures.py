@@ -154,10 +154,7 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
     else:
         torch.set_num_threads(args.threads)
         rows = []
-        for name in args.data:
-            adata = datasets.load(name)
-            if adata is None:
-                continue
+        for name, adata in datasets.present(args.data):
             for seed in args.seeds:
                 rows += run(name, adata, seed, args.n_clusters, args.init, args.max_epochs,
                              args.label_key)

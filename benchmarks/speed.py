@@ -447,10 +447,7 @@ def main(argv=None) -> dict:
         result = scaling(sorted(args.scaling), args.genes, args.epochs, args.threads, contenders)
     else:
         result = {"mode": "compare", "data": []}
-        for name in args.data:
-            adata = bench_data.load(name)
-            if adata is None:
-                continue
+        for name, adata in bench_data.present(args.data):
             result["data"].append(compare(name, adata, contenders, args.epochs, args.repeats,
                                           args.threads))
     if args.json:

@@ -39,6 +39,18 @@ def _inverse_scale(std):
     return np.log(np.expm1(np.asarray(std, dtype=np.float64) - SCALE_FLOOR))
 
 
+@contextlib.contextmanager
+def frozen(module: nn.Module) -> Iterator[None]:
+    """``module`` in evaluation mode (frozen batch-norm statistics, no dropout), its mode
+    restored after."""
+    was_training = module.training
+    module.eval()
+    try:
+        yield
+    finally:
+        module.train(was_training)
+
+
 class Prior(LocalPyroModule):
     """Base class: ``p(z) = N(0, I)`` and ``q(z | x) = N(loc(x), diag(scale(x)^2))``.
 
@@ -328,13 +340,9 @@ class GaussianMixture(Prior):
         means, ``p(y | z = E_q[z | x])``: a fresh classifier would put every cell in every
         cluster alike at first, and the components would drift from where they started."""
         encoder = self.__dict__["_owner"]
-        was_training = encoder.training
-        encoder.eval()
-        with torch.no_grad():
+        with frozen(encoder), torch.no_grad():
             h = encoder.body(x)
-            log_prior = self.weight_logits.log_softmax(-1)
-            target = (self._components().log_prob(latent.unsqueeze(-2)) + log_prior).softmax(-1)
-        encoder.train(was_training)
+            target = self.responsibilities(latent)
         optimizer = torch.optim.Adam(self.classifier.parameters(), lr=0.05)
         with torch.enable_grad():
             for _ in range(steps):
@@ -349,8 +357,12 @@ class GaussianMixture(Prior):
             return self.classifier(encoder.body(x)).softmax(-1)
         loc, scale = encoder(x)
         z = dist.Normal(loc, scale).sample((n_samples,))  # (S, cells, D)
+        return self.responsibilities(z).mean(0)
+
+    def responsibilities(self, z: torch.Tensor) -> torch.Tensor:
+        """``p(y | z)`` by Bayes' rule, ``(..., K)`` for latent points ``(..., D)``."""
         log_joint = self._components().log_prob(z.unsqueeze(-2)) + self.weight_logits.log_softmax(-1)
-        return log_joint.softmax(-1).mean(0)
+        return log_joint.softmax(-1)
 
     def latent_mean(self, encoder: Encoder, x: torch.Tensor) -> torch.Tensor:
         if self.mode == "marginal" or not self.conditional_posterior:
@@ -414,12 +426,8 @@ class VampPrior(Prior):
 
     def _components(self) -> dist.Distribution:
         encoder = self.__dict__["_encoder"]
-        was_training = encoder.training
-        encoder.eval()  # frozen batch-norm statistics, no dropout
-        try:
+        with frozen(encoder):  # the prior must not depend on the minibatch
             loc, scale = encoder(self.pseudo_inputs)
-        finally:
-            encoder.train(was_training)
         return dist.Normal(loc, scale).to_event(1)
 
     def mixture(self) -> dist.MixtureSameFamily:

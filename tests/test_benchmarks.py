@@ -177,6 +177,14 @@ def test_bladder_absent_is_none(tmp_path, capsys):
     assert "skipping" in capsys.readouterr().out
 
 
+def test_present_skips_absent_data_sets(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(bench_data, "BLADDER_PATH", tmp_path / "missing.h5ad")
+    found = list(bench_data.present(["bladder", "simulated:50x10"]))
+    assert [name for name, _ in found] == ["simulated:50x10"]
+    assert found[0][1].shape == (50, 10)
+    assert "skipping" in capsys.readouterr().out
+
+
 @pytest.fixture
 def keep_threads():
     threads = torch.get_num_threads()
