@@ -318,6 +318,11 @@ class GaussianMixture(Prior):
         if bool(self.initialized) or self.init == "random":
             self.initialized.fill_(True)
             return
+        if len(latent) < self.K:
+            raise ValueError(
+                f"a mixture of {self.K} clusters starts from the cells' latent means, but only "
+                f"{len(latent)} cells were given; use n_clusters <= {len(latent)}"
+            )
         points = latent.detach().cpu().numpy().astype(np.float64)
         labels = (kmeans_labels if self.init == "kmeans" else leiden_labels)(points, self.K)
         counts = np.bincount(labels, minlength=self.K)

@@ -178,6 +178,15 @@ def test_a_swapped_mixture_starts_q_y_at_its_components(sim, quick, mode):
     assert (model.get_cluster_probs(sim).argmax(1) == bayes).mean() > 0.95
 
 
+@pytest.mark.parametrize("init", ["leiden", "kmeans"])
+def test_more_clusters_than_cells_is_a_clear_error(init):
+    adata = pyrovae.datasets.simulate(30, 20, seed=0)
+    prior = GaussianMixture(40, init=init)
+    with pytest.raises(ValueError, match="40 clusters .* only 30 cells"):
+        pyrovae.fit(adata, prior=prior, max_epochs=4, progress=False, validation_fraction=0)
+    assert "X_pyrovae" not in adata.obsm  # nothing written
+
+
 def unequal_clusters():
     """A long, thin cluster of 500 points and two tight ones of 30 each beside it."""
     rng = np.random.default_rng(0)
