@@ -17,7 +17,7 @@ import pyro  # noqa: E402
 pyro.settings.set(module_local_params=True)
 
 from . import criticism, datasets, de, imputation, likelihoods, metrics, plotting, priors  # noqa: E402
-from .api import fit  # noqa: E402
+from .api import fit, resume  # noqa: E402
 from .compare import compare  # noqa: E402
 from .criticism import posterior_predictive_check  # noqa: E402
 from .data import InvalidDataError  # noqa: E402
@@ -43,4 +43,5 @@ __all__ = [
     "plotting",
     "posterior_predictive_check",
     "priors",
+    "resume",
 ]

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
-from dataclasses import replace
-from typing import Literal, Sequence
+import os
+import tempfile
+from dataclasses import asdict, replace
+from pathlib import Path
+from typing import Any, Literal, Sequence
 
 import anndata as ad
 import numpy as np
@@ -13,10 +16,10 @@ from .data import CovariateSpec, is_paths, open_backed
 from .likelihoods import Likelihood
 from .nn import Architecture
 from .priors import GaussianMixture, Prior, get_prior
-from .train import TrainingPlan, default_max_epochs
-from .vae import VAE
+from .train import TrainingPlan, TrainingState, default_max_epochs, history_frame
+from .vae import VAE, load
 
-__all__ = ["fit"]
+__all__ = ["fit", "resume"]
 
 LikelihoodName = Literal["poisson", "nb", "zip", "zinb", "continuous_bernoulli", "gaussian"]
 
@@ -50,6 +53,9 @@ def fit(
     seed: int = 0,
     device: Literal["auto", "cpu", "cuda"] | str = "auto",
     progress: bool = True,
+    on_failure: Literal["restore", "last_epoch"] = "restore",
+    checkpoint: str | os.PathLike | None = None,
+    checkpoint_every: int = 10,
     key_added: str = "X_pyrovae",
 ) -> VAE:
     """Train a VAE on the counts in ``adata`` and write its latent space into ``adata``.
@@ -109,6 +115,13 @@ def fit(
         How to train; see :class:`pyrovae.train.TrainingPlan`. ``max_epochs=None``
         chooses ``min(400, 8e6 / n_cells)``. Launched with ``torchrun``, training is
         data parallel over the processes (see :mod:`pyrovae.distributed`).
+    on_failure
+        What a failed training leaves (see :class:`pyrovae.train.TrainingPlan`); ``adata``
+        is never changed by a failed ``fit``.
+    checkpoint, checkpoint_every
+        Write a checkpoint file every ``checkpoint_every`` epochs and at the end;
+        ``pyrovae.resume(checkpoint, adata)`` finishes the run from it, exactly as it would
+        have ended uninterrupted.
     key_added
         Key of the latent means in ``adata.obsm``.
 
@@ -123,7 +136,12 @@ def fit(
     any earlier entry). A prior with clusters also writes ``adata.obs["pyrovae_cluster"]``
     (``argmax_k q(y = k | x)``, categorical), ``adata.obsm["pyrovae_cluster_probs"]`` and
     the component means in ``adata.uns["pyrovae"]["component_means"]``. Nothing else in
-    ``adata`` changes.
+    ``adata`` changes, and nothing at all when ``fit`` fails.
+
+    Ctrl-C (or a Jupyter kernel interrupt) stops training at the end of the current step;
+    ``fit`` then keeps the best weights so far, warns, and writes its outputs as usual
+    (interrupted during a mixture's pre-training, it returns the pre-trained standard
+    normal model).
     """
     if isinstance(prior, str):
         options = {"gmm": {"n_clusters": n_clusters, "mode": mixture}}.get(prior, {})
@@ -133,6 +151,7 @@ def fit(
         max_epochs=max_epochs, batch_size=batch_size, lr=lr, kl_warmup_epochs=kl_warmup_epochs,
         validation_fraction=validation_fraction, early_stopping=early_stopping,
         patience=patience, seed=seed, device=device, progress=progress,
+        on_failure=on_failure, checkpoint=checkpoint, checkpoint_every=checkpoint_every,
     )
     files = is_paths(adata)
     if files:  # streamed from disk: the obs and genes are read, the counts chunk by chunk
@@ -165,33 +184,136 @@ def fit(
         dispersion=dispersion,
         seed=seed,
     )
-    if staged:
-        model.train(adata, replace(plan, max_epochs=pretrain_epochs, early_stopping=False))
-        model.set_prior(prior, adata)
-        model.train(adata, replace(plan, max_epochs=total - pretrain_epochs, kl_warmup_epochs=0))
-    else:
-        model.train(adata, plan)
-    if files:
-        return model
-    latent = model.get_latent(adata)
-    adata.obsm[key_added] = latent
-    record = {
-        "settings": {**model.settings(), "obsm_key": key_added, "n_cells": adata.n_obs,
-                     "pretrain_epochs": pretrain_epochs if staged else 0},
-        "history": {k: model.history[k].to_numpy() for k in model.history.columns},
+    run = {
+        "kind": "fit", "stage": "pretrain" if staged else "single", "total": total,
+        "pretrain_epochs": pretrain_epochs if staged else 0, "key_added": key_added,
+        "plan": asdict(plan), "prior": prior.name, "prior_config": prior.config(),
     }
-    if model.prior.n_clusters is not None:
-        write_clusters(model, adata, record)
-    adata.uns["pyrovae"] = record
+    _fit_stages(model, adata, plan, run, prior=prior)
+    if not files:
+        write_outputs(model, adata, run)
     return model
 
 
-def write_clusters(model: VAE, adata: ad.AnnData, record: dict) -> None:
-    """Cluster assignments and probabilities into ``adata``; component means into ``record``."""
+def _fit_stages(model: VAE, adata, plan: TrainingPlan, run: dict[str, Any], *,
+                prior: Prior | None = None, state: TrainingState | None = None, data=None) -> None:
+    """``fit``'s training from ``run["stage"]`` on: one call; or, for a mixture that starts
+    from the latent space, a standard-normal pre-training, then the mixture at full KL
+    weight. ``state`` continues the current stage from a checkpoint."""
+
+    def stage(stage_plan: TrainingPlan, **options) -> None:
+        if state is not None and state.finished:  # the checkpoint is of this stage's end
+            model._record(state.history(), stage_plan)
+        else:
+            model._train(adata, stage_plan, state=state, run=run, data=data, **options)
+
+    if run["stage"] == "pretrain":
+        stage(replace(plan, max_epochs=run["pretrain_epochs"], early_stopping=False),
+              label="pre-training", warn_unfinished_warmup=False,
+              interrupt_note="; the mixture prior was not trained: the model keeps its "
+                             "standard normal prior")
+        if model.interrupted:
+            return
+        run, state = {**run, "stage": "mixture"}, None
+        model.set_prior(prior or get_prior(run["prior"], **run["prior_config"]), adata)
+    if run["stage"] == "mixture":
+        stage(replace(plan, max_epochs=run["total"] - run["pretrain_epochs"], kl_warmup_epochs=0))
+    else:
+        stage(plan)
+
+
+def write_outputs(model: VAE, adata: ad.AnnData, run: dict[str, Any]) -> None:
+    """What ``fit`` writes into ``adata``, computed first and then written all at once."""
+    key_added = run["key_added"]
+    latent = model.get_latent(adata)
+    record = {
+        "settings": {**model.settings(), "obsm_key": key_added, "n_cells": adata.n_obs,
+                     "pretrain_epochs": run["pretrain_epochs"]},
+        "history": {k: model.history[k].to_numpy() for k in model.history.columns},
+    }
+    clusters = {}
+    if model.prior.n_clusters is not None:
+        clusters = cluster_outputs(model, adata, record)
+    adata.obsm[key_added] = latent
+    for key, value in clusters.items():
+        (adata.obs if key == "pyrovae_cluster" else adata.obsm)[key] = value
+    adata.uns["pyrovae"] = record
+
+
+def resume(path: str | os.PathLike, adata, *, progress: bool | None = None, **expected) -> VAE:
+    """Continue a training run from its checkpoint and finish it; returns the model.
+
+    The run (a :func:`fit` or a :meth:`VAE.train` given ``checkpoint=``) goes on from its
+    last checkpoint with the optimiser, early stopping and random streams where they were:
+    on the CPU the final weights, latent space and history (all but ``seconds``) are
+    bit-identical to a run that was never interrupted. A ``fit`` resumed writes its
+    outputs into ``adata`` as ``fit`` does; a finished run is only loaded (and written).
+
+    Parameters
+    ----------
+    path
+        The checkpoint file.
+    adata
+        The data the run was started on (an AnnData, or the same ``.h5ad`` path(s)).
+    progress
+        Show a progress bar (default: as the run did).
+    expected
+        Settings the run must have, e.g. ``likelihood="zinb", max_epochs=400``: any that
+        differs is refused.
+
+    Raises
+    ------
+    pyrovae.checkpoint.CheckpointError
+        When ``path`` is not a readable checkpoint.
+    pyrovae.checkpoint.CheckpointMismatchError
+        When the checkpoint is for other data (other genes, cells or counts), other
+        settings than ``expected``, or another number of processes.
+    """
+    from . import checkpoint
+
+    content = checkpoint.read(path)
+    with tempfile.TemporaryDirectory(prefix="pyrovae-") as folder:
+        model_file = Path(folder) / "model.pt"
+        model_file.write_bytes(content["model_file"])
+        model = load(model_file)
+    model.seed = content["seed"]
+    model.history = history_frame(content["history"])
+    if content["model_plan"] is not None:
+        model.training_plan = TrainingPlan(**content["model_plan"])
+    plan = TrainingPlan(**content["plan"])
+    if progress is not None:
+        plan = replace(plan, progress=progress)
+    run = content["run"]
+    settings = {**model.settings(), **(run.get("plan") or {}), **asdict(plan)}
+    settings.update(prior=run.get("prior", settings["prior"]),
+                    **{f"prior_{k}": v for k, v in run.get("prior_config", {}).items()})
+    checkpoint.check_settings(content, settings, expected, path)
+    try:
+        data = model._read(adata, for_training=True)
+    except ValueError as err:
+        raise checkpoint.CheckpointMismatchError(
+            f"{os.fspath(path)!r} cannot continue on this data: {err}") from err
+    checkpoint.check_data(content, data, path)
+    state = TrainingState.from_dict(content["state"])
+    if run["kind"] == "fit":
+        base = replace(TrainingPlan(**run["plan"]), progress=plan.progress, checkpoint=os.fspath(path))
+        _fit_stages(model, adata, base, run, state=state, data=data)
+    elif state.finished:
+        model._record(state.history(), plan)
+    else:
+        model._train(adata, replace(plan, checkpoint=os.fspath(path)), state=state, run=run, data=data)
+    if run["kind"] == "fit" and not is_paths(adata):
+        write_outputs(model, adata, run)
+    return model
+
+
+def cluster_outputs(model: VAE, adata: ad.AnnData, record: dict) -> dict[str, Any]:
+    """Cluster assignments and probabilities (for ``adata``); component means into ``record``."""
     probs = model.get_cluster_probs(adata)
     K = probs.shape[1]
-    adata.obsm["pyrovae_cluster_probs"] = probs
-    adata.obs["pyrovae_cluster"] = pd.Categorical(
-        probs.argmax(1).astype(str), categories=[str(k) for k in range(K)]
-    )
     record["component_means"] = model.prior.locs.detach().cpu().numpy()
+    return {
+        "pyrovae_cluster_probs": probs,
+        "pyrovae_cluster": pd.Categorical(probs.argmax(1).astype(str),
+                                          categories=[str(k) for k in range(K)]),
+    }

@@ -34,6 +34,10 @@ def _parser() -> argparse.ArgumentParser:
     fit.add_argument("--seed", type=int, default=0)
     fit.add_argument("--device", default="auto")
     fit.add_argument("--model", type=Path, default=None, help="also save the model here (.pt)")
+    fit.add_argument("--checkpoint", type=Path, default=None,
+                     help="write a checkpoint here as training goes (pyrovae.resume continues it)")
+    fit.add_argument("--checkpoint-every", type=int, default=10, metavar="EPOCHS",
+                     help="epochs between checkpoints (default: %(default)s)")
     fit.add_argument("--quiet", action="store_true", help="no progress bar")
     return parser
 
@@ -60,6 +64,7 @@ def main(argv: list[str] | None = None) -> int:
             adata, args.likelihood, layer=args.layer, n_latent=args.n_latent,
             n_hidden=args.n_hidden, max_epochs=args.max_epochs, batch_size=args.batch_size,
             seed=args.seed, device=args.device, progress=not args.quiet,
+            checkpoint=args.checkpoint, checkpoint_every=args.checkpoint_every,
         )
     except InvalidDataError as err:
         print(f"pyrovae: {args.input}: {err}", file=sys.stderr)

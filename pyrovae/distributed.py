@@ -35,7 +35,7 @@ import os
 import torch
 import torch.distributed as dist
 
-__all__ = ["all_reduce_sum", "is_launched", "join", "local_device", "rank_and_size", "share_buffers", "wrap"]
+__all__ = ["all_gather_object", "all_reduce_sum", "is_launched", "join", "local_device", "rank_and_size", "share_buffers", "wrap"]
 
 
 def is_launched() -> bool:
@@ -88,3 +88,14 @@ def all_reduce_sum(value: torch.Tensor) -> torch.Tensor:
         value = value.clone()
         dist.all_reduce(value, op=dist.ReduceOp.SUM)
     return value
+
+
+def all_gather_object(value) -> list:
+    """Every process's ``value``, by rank (``[value]`` when alone): the random states a
+    checkpoint keeps so that each rank resumes its own stream."""
+    rank, size = rank_and_size()
+    if size == 1:
+        return [value]
+    out = [None] * size
+    dist.all_gather_object(out, value)
+    return out

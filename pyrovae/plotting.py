@@ -30,7 +30,13 @@ __all__ = [
 
 
 def plot_history(history: pd.DataFrame, ax=None):
-    """Training objective and validation ELBO per epoch, with the end of the KL warm-up."""
+    """Training objective and validation ELBO per epoch, with the training's events.
+
+    Vertical lines mark where each KL warm-up ended (only where the weight really reached
+    1), where a warm-up started again (the weight fell), and where the prior changed
+    (``prior`` column; histories saved before it existed have no such marks): the jump in
+    the ELBO at a prior swap is a change of model, not progress.
+    """
     import matplotlib.pyplot as plt
 
     if ax is None:
@@ -40,23 +46,48 @@ def plot_history(history: pd.DataFrame, ax=None):
     epoch = history["epoch"].to_numpy()
     ax.plot(epoch, history["train_elbo"], label="training (KL weighted by warm-up)")
     if history["validation_elbo"].notna().any():
-        val = history["validation_elbo"]
+        val = history["validation_elbo"].reset_index(drop=True)
         ax.plot(epoch, val, label="validation")
         best = int(val.idxmax())
         ax.scatter([epoch[best]], [val.iloc[best]], color="black", zorder=3,
                    label=f"best: {val.iloc[best]:.1f} (epoch {epoch[best]})")
-    warm = history.index[history["kl_weight"] < 1]
-    if len(warm):
-        ax.axvline(epoch[warm[-1]] + 0.5, color="grey", lw=0.8, ls="--", label="end of KL warm-up")
-    values = history[["train_elbo", "validation_elbo"]].to_numpy().ravel()
+    for kind, at in history_events(history):
+        style = {"warm-up end": dict(color="grey", ls="--", label="end of KL warm-up"),
+                 "warm-up restart": dict(color="tab:red", ls=":", label="KL warm-up restarted"),
+                 "prior": dict(color="tab:purple", ls="-.", label=f"prior: {at[1]}")}[kind]
+        ax.axvline(at[0] + 0.5, lw=0.8, **style)
+    values = history[["train_elbo", "validation_elbo"]].to_numpy(dtype=float).ravel()
     values = values[np.isfinite(values)]
     tail = values[len(values) // 10 :] if len(values) >= 10 else values
     lo, hi = np.percentile(tail, 2), values.max()
     ax.set_ylim(lo - 0.05 * (hi - lo), hi + 0.05 * (hi - lo))
     ax.set_xlabel("epoch")
     ax.set_ylabel("ELBO per cell (nats)")
-    ax.legend(frameon=False, fontsize="small")
+    handles, labels = ax.get_legend_handles_labels()
+    unique = dict(zip(labels, handles))  # one legend entry per kind of mark
+    ax.legend(unique.values(), unique.keys(), frameon=False, fontsize="small")
     return ax
+
+
+def history_events(history: pd.DataFrame) -> list[tuple[str, tuple[int, str]]]:
+    """The events of a training history, in order: ``("warm-up end", (epoch, ""))`` after
+    the last epoch below full KL weight of a warm-up that reached it, ``("warm-up restart",
+    (epoch, ""))`` before an epoch whose weight fell, ``("prior", (epoch, "normal -> gmm"))``
+    before an epoch with another prior than the one before; ``epoch`` is the epoch the line
+    follows."""
+    epoch = history["epoch"].to_numpy()
+    weight = history["kl_weight"].to_numpy(dtype=float)
+    prior = history["prior"].to_numpy() if "prior" in history else np.full(len(epoch), np.nan, object)
+    events = []
+    for i in range(1, len(epoch)):
+        if weight[i] < weight[i - 1]:
+            events.append(("warm-up restart", (int(epoch[i - 1]), "")))
+        if weight[i] >= 1.0 > weight[i - 1]:
+            events.append(("warm-up end", (int(epoch[i - 1]), "")))
+        known = isinstance(prior[i], str) and isinstance(prior[i - 1], str)
+        if known and prior[i] != prior[i - 1]:
+            events.append(("prior", (int(epoch[i - 1]), f"{prior[i - 1]} -> {prior[i]}")))
+    return events
 
 
 def umap(adata: ad.AnnData, *, use_rep: str = "X_pyrovae", n_neighbors: int = 15,

@@ -20,7 +20,7 @@ from .likelihoods import Likelihood, get_likelihood
 from .module import Covariates, Dispersion, LibrarySize, VAEModule
 from .nn import Architecture
 from .priors import Prior, get_prior
-from .train import TrainingPlan, resolve_device, seeded, train
+from .train import HISTORY_COLUMNS, TrainingPlan, TrainingState, resolve_device, seeded, train
 
 __all__ = ["VAE", "load"]
 
@@ -58,6 +58,17 @@ class VAE:
         likelihood's per-gene parameters vary.
     seed
         Seeds the initial weights.
+
+    Attributes
+    ----------
+    history
+        One row per epoch trained (:data:`pyrovae.train.HISTORY_COLUMNS`): the KL weight,
+        training and validation ELBO, seconds and the prior's name.
+    training_plan
+        The :class:`~pyrovae.train.TrainingPlan` of the last training call.
+    interrupted
+        Whether the last training call was stopped by Ctrl-C (it kept the best weights
+        so far and returned normally).
     """
 
     def __init__(
@@ -97,10 +108,9 @@ class VAE:
             self.module = VAEModule(
                 len(self.var_names), self.likelihood, get_prior(prior), self.architecture, cov
             )
-        self.history = pd.DataFrame(
-            columns=["epoch", "kl_weight", "train_elbo", "validation_elbo", "seconds"]
-        )
+        self.history = pd.DataFrame(columns=HISTORY_COLUMNS)
         self.training_plan: TrainingPlan | None = None
+        self.interrupted = False  # whether the last training call was stopped by Ctrl-C
 
     # ------------------------------------------------------------------ structure
     @property
@@ -161,17 +171,77 @@ class VAE:
         """Train on ``adata`` (continuing from the current weights); returns ``self``.
 
         ``options`` override fields of ``plan`` (see :class:`pyrovae.train.TrainingPlan`),
-        e.g. ``model.train(adata, max_epochs=50, lr=5e-4)``.
+        e.g. ``model.train(adata, max_epochs=50, lr=5e-4)``. A model trained before
+        continues its KL warm-up where it stands (at full weight once done), also after
+        :meth:`set_prior`, unless ``restart_warmup=True``.
+
+        Training never leaves a broken model: on any error the model (weights, buffers,
+        prior, history) is as it was before the call, or with ``on_failure="last_epoch"``
+        at the end of its last finite epoch; Ctrl-C stops at the end of the current step,
+        keeps the best weights so far, warns, sets :attr:`interrupted` and returns
+        normally. ``checkpoint="run.ckpt"`` writes a checkpoint every
+        ``checkpoint_every`` epochs that :func:`pyrovae.resume` continues exactly.
         """
-        plan = replace(plan or TrainingPlan(), **options)
-        data = self._read(adata, for_training=True)
-        history = train(self.module, data, plan)
+        self._train(adata, replace(plan or TrainingPlan(), **options))
+        return self
+
+    def _train(self, adata, plan: TrainingPlan, *, data: CountData | None = None,
+               state: TrainingState | None = None, run: dict | None = None,
+               label: str = "training", interrupt_note: str = "",
+               warn_unfinished_warmup: bool = True) -> None:
+        """:meth:`train`, for ``fit`` and ``resume`` too: ``state`` continues a checkpointed
+        call, ``run`` is what its checkpoints say the rest of the run is."""
+        if plan.checkpoint is not None:
+            from . import checkpoint
+
+            checkpoint.check_folder(plan.checkpoint)
+        data = data if data is not None else self._read(adata, for_training=True)
+        warmup_done = self._warmup_done(plan)
+        state = state if state is not None else TrainingState()
+        on_checkpoint = None
+        if plan.checkpoint is not None:
+            on_checkpoint = self._checkpointer(plan, data, run or {"kind": "train"})
+        self.interrupted = False
+        try:
+            history = train(self.module, data, plan, warmup_done=warmup_done, state=state,
+                            on_checkpoint=on_checkpoint, label=label,
+                            interrupt_note=interrupt_note,
+                            warn_unfinished_warmup=warn_unfinished_warmup)
+        except BaseException:
+            if plan.on_failure == "last_epoch" and state.rows:
+                self._record(state.history(), plan)
+            raise
+        self._record(history, plan)
+        self.interrupted = state.interrupted
+
+    def _warmup_done(self, plan: TrainingPlan) -> int:
+        """KL warm-up epochs (of ``plan``'s) already behind the model, from its history."""
+        if plan.restart_warmup or not len(self.history) or not plan.kl_warmup_epochs:
+            return 0
+        last = float(self.history["kl_weight"].iloc[-1])
+        return plan.kl_warmup_epochs if last >= 1.0 else int(round(last * plan.kl_warmup_epochs))
+
+    def _record(self, history: pd.DataFrame, plan: TrainingPlan) -> None:
+        """Append one call's history (its epochs numbered on from the model's)."""
         if len(self.history):
             history["epoch"] += int(self.history["epoch"].iloc[-1])
             history = pd.concat([self.history, history], ignore_index=True)
         self.history = history
         self.training_plan = plan
-        return self
+
+    def _checkpointer(self, plan: TrainingPlan, data: CountData, run: dict):
+        """The function :func:`pyrovae.train.train` calls to write a checkpoint."""
+        from . import checkpoint
+
+        data_print = checkpoint.fingerprint(data)
+        history = {k: self.history[k].to_list() for k in self.history.columns}
+        model_plan = self.training_plan
+
+        def write(state: TrainingState) -> None:
+            content = checkpoint.payload(self, plan, state, data_print, run, history, model_plan)
+            checkpoint.write(plan.checkpoint, content)
+
+        return write
 
     # ------------------------------------------------------------------ inference
     def get_latent(self, adata: ad.AnnData, *, batch_size: int = 1024) -> np.ndarray:
