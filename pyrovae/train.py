@@ -369,7 +369,7 @@ class _Interrupt:
         signal.signal(signal.SIGINT, self._previous)
 
     def __exit__(self, *exc) -> None:
-        if self._installed and signal.getsignal(signal.SIGINT) is self._handle:
+        if self._installed and signal.getsignal(signal.SIGINT) == self._handle:
             signal.signal(signal.SIGINT, self._previous)
 
 
@@ -461,8 +461,8 @@ def train(
         note = _restored_note(label, failed, max_epochs, kept)
         if isinstance(err, TrainingDivergedError):
             err.args = (f"{err.args[0]}; {kept}",)
-        elif hasattr(err, "add_note"):
-            err.add_note(f"pyrovae: {note}")
+        else:  # the error keeps its type; the note shows under its traceback
+            err.__notes__ = [*getattr(err, "__notes__", []), f"pyrovae: {note}"]
         raise
     if stopped == "interrupted":
         state.interrupted = True
