@@ -9,6 +9,10 @@ For each prior (standard normal; a Gaussian mixture whose cluster is enumerated)
    of one process on the union of the ranks' cells;
 2. training: two epochs of ``VAE.train`` through the launcher's process group; the
    weights and the history must come out the same on every rank.
+
+Then checkpoints: a run that writes a checkpoint every 2 of its 5 epochs (rank 0 writes,
+with every rank's random state), resumed by every rank from its first checkpoint, must end
+with the weights of the run itself.
 """
 
 import math
@@ -78,7 +82,33 @@ def main(out: Path) -> None:
             "state": {k: v.detach().clone() for k, v in model.module.state_dict().items()},
             "history": model.history[["train_elbo", "validation_elbo"]].to_numpy(),
         }
+    result["resumed_equal"] = resumed_equals_the_run(sim, out, rank)
     torch.save(result, out / f"rank{rank}.pt")
+
+
+def resumed_equals_the_run(sim, out: Path, rank: int) -> bool:
+    import shutil
+
+    from pyrovae import checkpoint
+
+    path, first = out / "run.ckpt", out / "first.ckpt"
+    original = checkpoint.write
+
+    def write(target, content):  # keep the first checkpoint (only rank 0 writes)
+        original(target, content)
+        if rank == 0 and not first.exists():
+            shutil.copy(target, first)
+
+    checkpoint.write = write
+    try:
+        run = pyrovae.VAE(sim.var_names, likelihood="nb", seed=0)
+        run.train(sim, max_epochs=5, batch_size=32, kl_warmup_epochs=1, progress=False,
+                  checkpoint=str(path), checkpoint_every=2)
+    finally:
+        checkpoint.write = original
+    torch.distributed.barrier()
+    resumed = pyrovae.resume(first, sim)
+    return all(torch.equal(v, resumed.module.state_dict()[k]) for k, v in run.module.state_dict().items())
 
 
 if __name__ == "__main__":

@@ -56,6 +56,10 @@ def test_parameters_stay_identical_across_ranks(ranks, prior):
     assert np.isfinite(first["history"]).all()
 
 
+def test_every_rank_resumes_a_checkpoint_exactly(ranks):
+    assert [r["resumed_equal"] for r in ranks] == [True, True]
+
+
 def test_shards_are_disjoint_cover_all_cells_and_take_equal_steps():
     index = np.arange(1000)
     shards = [list(near_equal_batches(index, 64, np.random.default_rng(3), (r, 3))) for r in range(3)]
