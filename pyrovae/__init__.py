@@ -16,7 +16,7 @@ import pyro  # noqa: E402
 # after importing pyrovae (the user's own too) follow this setting.
 pyro.settings.set(module_local_params=True)
 
-from . import criticism, datasets, de, imputation, likelihoods, metrics, plotting, priors  # noqa: E402
+from . import checkpoint, criticism, datasets, de, imputation, likelihoods, metrics, plotting, priors  # noqa: E402
 from .api import fit, resume  # noqa: E402
 from .compare import compare  # noqa: E402
 from .criticism import posterior_predictive_check  # noqa: E402
@@ -31,6 +31,7 @@ __all__ = [
     "TrainingPlan",
     "VAE",
     "__version__",
+    "checkpoint",
     "compare",
     "criticism",
     "datasets",

@@ -1,4 +1,5 @@
-"""``pyrovae.fit``: train a VAE on an AnnData and write its latent space back."""
+"""``pyrovae.fit``: train a VAE on an AnnData and write its latent space back;
+``pyrovae.resume``: finish a run from its checkpoint."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import anndata as ad
 import numpy as np
 import pandas as pd
 
+from . import checkpoint
 from .data import CovariateSpec, is_paths, open_backed
 from .likelihoods import Likelihood
 from .nn import Architecture
@@ -269,8 +271,6 @@ def resume(path: str | os.PathLike, adata, *, progress: bool | None = None, **ex
         When the checkpoint is for other data (other genes, cells or counts), other
         settings than ``expected``, or another number of processes.
     """
-    from . import checkpoint
-
     content = checkpoint.read(path)
     with tempfile.TemporaryDirectory(prefix="pyrovae-") as folder:
         model_file = Path(folder) / "model.pt"
@@ -284,7 +284,7 @@ def resume(path: str | os.PathLike, adata, *, progress: bool | None = None, **ex
     if progress is not None:
         plan = replace(plan, progress=progress)
     run = content["run"]
-    settings = {**model.settings(), **(run.get("plan") or {}), **asdict(plan)}
+    settings = {**model.settings(), **asdict(plan), **(run.get("plan") or {})}  # as fit was called
     settings.update(prior=run.get("prior", settings["prior"]),
                     **{f"prior_{k}": v for k, v in run.get("prior_config", {}).items()})
     checkpoint.check_settings(content, settings, expected, path)

@@ -218,8 +218,8 @@ class TrainingState:
 
 
 def history_frame(rows) -> pd.DataFrame:
-    """A history DataFrame from rows, or from a saved dict of columns (the ``prior``
-    column, added in 0.1.0's successor, is missing from older files: it reads as NaN)."""
+    """A history DataFrame from rows, or from a saved dict of columns (a history saved
+    before the ``prior`` column existed reads it as NaN)."""
     if isinstance(rows, dict):
         return pd.DataFrame(rows, columns=HISTORY_COLUMNS)
     return pd.DataFrame(list(rows), columns=HISTORY_COLUMNS)

@@ -13,7 +13,7 @@ import pandas as pd
 import pyro
 import torch
 
-from . import __version__
+from . import __version__, checkpoint
 from .data import CountData, CovariateSpec, check_genes, is_paths, open_h5ad, read_data
 from .inference import elbo_per_cell, marginal_log_likelihood, posterior_predictive
 from .likelihoods import Likelihood, get_likelihood
@@ -192,8 +192,6 @@ class VAE:
         """:meth:`train`, for ``fit`` and ``resume`` too: ``state`` continues a checkpointed
         call, ``run`` is what its checkpoints say the rest of the run is."""
         if plan.checkpoint is not None:
-            from . import checkpoint
-
             checkpoint.check_folder(plan.checkpoint)
         data = data if data is not None else self._read(adata, for_training=True)
         warmup_done = self._warmup_done(plan)
@@ -231,8 +229,6 @@ class VAE:
 
     def _checkpointer(self, plan: TrainingPlan, data: CountData, run: dict):
         """The function :func:`pyrovae.train.train` calls to write a checkpoint."""
-        from . import checkpoint
-
         data_print = checkpoint.fingerprint(data)
         history = {k: self.history[k].to_list() for k in self.history.columns}
         model_plan = self.training_plan
