@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+import warnings
 from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any, Literal, Sequence
@@ -18,7 +19,8 @@ from .data import CovariateSpec, is_paths, open_backed
 from .likelihoods import Likelihood
 from .nn import Architecture
 from .priors import GaussianMixture, Prior, get_prior
-from .train import TrainingPlan, TrainingState, default_max_epochs, history_frame
+from .train import (TrainingInterruptedWarning, TrainingPlan, TrainingState, default_max_epochs,
+                    history_frame)
 from .vae import VAE, load
 
 __all__ = ["fit", "resume"]
@@ -217,7 +219,16 @@ def _fit_stages(model: VAE, adata, plan: TrainingPlan, run: dict[str, Any], *,
         if model.interrupted:
             return
         run, state = {**run, "stage": "mixture"}, None
-        model.set_prior(prior or get_prior(run["prior"], **run["prior_config"]), adata)
+        pretrained = model.prior
+        try:
+            model.set_prior(prior or get_prior(run["prior"], **run["prior_config"]), adata)
+        except KeyboardInterrupt:  # Ctrl-C while the mixture starts (Leiden can take seconds)
+            model.module.set_prior(pretrained)
+            model.interrupted = True
+            warnings.warn("fit interrupted while the mixture prior was set up after the "
+                          "pre-training; the model keeps its pre-trained standard normal prior",
+                          TrainingInterruptedWarning, stacklevel=3)
+            return
     if run["stage"] == "mixture":
         stage(replace(plan, max_epochs=run["total"] - run["pretrain_epochs"], kl_warmup_epochs=0))
     else:

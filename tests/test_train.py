@@ -163,6 +163,19 @@ def test_an_interrupted_pre_training_returns_the_standard_model_and_writes(small
     assert "pyrovae_cluster" not in small.obs
 
 
+def test_an_interrupt_while_the_mixture_starts_keeps_the_pre_trained_model(small, monkeypatch):
+    def interrupt(self, latent, x):
+        raise KeyboardInterrupt  # as Ctrl-C in Leiden's clustering would
+
+    monkeypatch.setattr(GaussianMixture, "initialize", interrupt)
+    with pytest.warns(TrainingInterruptedWarning, match="while the mixture prior was set up"):
+        model = pyrovae.fit(small, "nb", prior=GaussianMixture(3, init="kmeans"), max_epochs=4,
+                            kl_warmup_epochs=2, pretrain_epochs=2, progress=False)
+    assert model.prior.name == "normal" and model.interrupted and len(model.history) == 2
+    assert [name for name, _ in model.module.named_parameters() if "prior" in name] == []
+    np.testing.assert_array_equal(small.obsm["X_pyrovae"], model.get_latent(small))
+
+
 # ---------------------------------------------------------------------------- warm-up
 def test_continued_training_continues_the_warm_up(sim):
     model = pyrovae.fit(sim.copy(), "nb", max_epochs=3, kl_warmup_epochs=10, progress=False)
