@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import inspect
+import warnings
 from dataclasses import replace
 from typing import Literal, Sequence
 
@@ -12,7 +14,7 @@ import pandas as pd
 from .data import CovariateSpec, is_paths, open_backed
 from .likelihoods import Likelihood
 from .nn import Architecture
-from .priors import GaussianMixture, Prior, get_prior
+from .priors import PRIORS, GaussianMixture, Prior, get_prior
 from .train import TrainingPlan, default_max_epochs
 from .vae import VAE
 
@@ -33,8 +35,8 @@ def fit(
     library: Literal["observed", "latent"] = "observed",
     dispersion: Literal["gene", "gene-batch", "gene-label", "gene-cell"] = "gene",
     prior: Literal["normal", "gmm", "vamp"] | Prior = "normal",
-    n_clusters: int = 10,
-    mixture: Literal["enumerate", "gumbel", "marginal"] = "enumerate",
+    n_clusters: int | None = None,
+    mode: Literal["enumerate", "gumbel", "marginal"] = "enumerate",
     pretrain_epochs: int | None = None,
     n_latent: int = 10,
     n_hidden: int | Sequence[int] = 128,
@@ -51,6 +53,7 @@ def fit(
     device: Literal["auto", "cpu", "cuda"] | str = "auto",
     progress: bool = True,
     key_added: str = "X_pyrovae",
+    mixture: Literal["enumerate", "gumbel", "marginal"] | None = None,
 ) -> VAE:
     """Train a VAE on the counts in ``adata`` and write its latent space into ``adata``.
 
@@ -89,10 +92,14 @@ def fit(
         Prior on the latent space: ``"normal"`` (``N(0, I)``), ``"gmm"`` (a Gaussian
         mixture with a cluster for each cell, see :class:`pyrovae.priors.GaussianMixture`),
         ``"vamp"`` (:class:`pyrovae.priors.VampPrior`), or a prior object.
-    n_clusters, mixture
-        For ``prior="gmm"``: the number of clusters, and how the cluster is handled in
-        training: summed out exactly by enumeration, relaxed by Gumbel-Softmax, or
-        marginalised out of the prior.
+    n_clusters
+        For a prior given by name: the number of mixture components, the clusters of
+        ``"gmm"`` (default 10) or the pseudo-inputs of ``"vamp"`` (default 50); ignored,
+        with a warning, by priors without components.
+    mode
+        For ``prior="gmm"``: how the cluster is handled in training: summed out exactly
+        by enumeration, relaxed by Gumbel-Softmax, or marginalised out of the prior (the
+        ``mode`` of :class:`pyrovae.priors.GaussianMixture` and of ``set_prior``).
     pretrain_epochs
         For a mixture whose components start from the latent space (``init="leiden"``,
         the default, or ``"kmeans"``): epochs of a standard-normal VAE first, whose posterior means then place
@@ -111,6 +118,8 @@ def fit(
         data parallel over the processes (see :mod:`pyrovae.distributed`).
     key_added
         Key of the latent means in ``adata.obsm``.
+    mixture
+        The old name of ``mode`` (a ``FutureWarning``).
 
     Returns
     -------
@@ -123,10 +132,21 @@ def fit(
     any earlier entry). A prior with clusters also writes ``adata.obs["pyrovae_cluster"]``
     (``argmax_k q(y = k | x)``, categorical), ``adata.obsm["pyrovae_cluster_probs"]`` and
     the component means in ``adata.uns["pyrovae"]["component_means"]``. Nothing else in
-    ``adata`` changes.
+    ``adata`` changes. The writing is :meth:`VAE.annotate`'s, which writes the same for a
+    model changed later (``set_prior`` and ``train``).
     """
+    if mixture is not None:
+        warnings.warn("fit(mixture=...) is now fit(mode=...), the name GaussianMixture and "
+                      "set_prior use; mixture= will be removed", FutureWarning, stacklevel=2)
+        mode = mixture
     if isinstance(prior, str):
-        options = {"gmm": {"n_clusters": n_clusters, "mode": mixture}}.get(prior, {})
+        accepts = inspect.signature(PRIORS[prior]).parameters if prior in PRIORS else {}
+        options: dict = {"mode": mode} if "mode" in accepts else {}
+        if n_clusters is not None and "n_clusters" in accepts:
+            options["n_clusters"] = n_clusters
+        elif n_clusters is not None:
+            warnings.warn(f"the {prior!r} prior has no mixture components: n_clusters is "
+                          "ignored", UserWarning, stacklevel=2)
         prior = get_prior(prior, **options)
     hidden = (n_hidden,) if isinstance(n_hidden, (int, np.integer)) else tuple(n_hidden)
     plan = TrainingPlan(
@@ -173,25 +193,6 @@ def fit(
         model.train(adata, plan)
     if files:
         return model
-    latent = model.get_latent(adata)
-    adata.obsm[key_added] = latent
-    record = {
-        "settings": {**model.settings(), "obsm_key": key_added, "n_cells": adata.n_obs,
-                     "pretrain_epochs": pretrain_epochs if staged else 0},
-        "history": {k: model.history[k].to_numpy() for k in model.history.columns},
-    }
-    if model.prior.n_clusters is not None:
-        write_clusters(model, adata, record)
-    adata.uns["pyrovae"] = record
+    model.annotate(adata, key_added=key_added)
+    adata.uns["pyrovae"]["settings"]["pretrain_epochs"] = pretrain_epochs if staged else 0
     return model
-
-
-def write_clusters(model: VAE, adata: ad.AnnData, record: dict) -> None:
-    """Cluster assignments and probabilities into ``adata``; component means into ``record``."""
-    probs = model.get_cluster_probs(adata)
-    K = probs.shape[1]
-    adata.obsm["pyrovae_cluster_probs"] = probs
-    adata.obs["pyrovae_cluster"] = pd.Categorical(
-        probs.argmax(1).astype(str), categories=[str(k) for k in range(K)]
-    )
-    record["component_means"] = model.prior.locs.detach().cpu().numpy()

@@ -1,9 +1,16 @@
-"""``pyrovae.compare``: fit several models on one train/held-out split and score them."""
+"""``pyrovae.compare``: fit several models on one train/held-out split and score them.
+
+The module is also callable: ``pyrovae.compare(adata, ...)`` is
+``pyrovae.compare.compare(adata, ...)``, and ``import pyrovae.compare as pc`` gives this
+module (``pc.compare``, ``pc.plot_comparison``).
+"""
 
 from __future__ import annotations
 
 import itertools
+import sys
 import time
+import types
 from typing import Any, Sequence
 
 import anndata as ad
@@ -153,3 +160,13 @@ def plot_comparison(table: pd.DataFrame, *, path=None):
     if path is not None:
         fig.savefig(path, dpi=120)
     return fig
+
+
+class _CallableModule(types.ModuleType):
+    """This module, callable as :func:`compare`."""
+
+    def __call__(self, *args, **kwargs) -> pd.DataFrame:
+        return compare(*args, **kwargs)
+
+
+sys.modules[__name__].__class__ = _CallableModule

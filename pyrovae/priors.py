@@ -15,7 +15,8 @@ from __future__ import annotations
 
 import contextlib
 import math
-from typing import Any, Iterator, Literal
+import warnings
+from typing import Any, Callable, Iterator, Literal, TypeVar
 
 import numpy as np
 import pyro
@@ -25,9 +26,18 @@ from pyro.infer import ELBO, Trace_ELBO, TraceEnum_ELBO, TraceMeanField_ELBO
 from torch import nn
 from torch.nn import functional as F
 
+from .likelihoods import same_definition
 from .nn import Encoder, LocalPyroModule
 
-__all__ = ["PRIORS", "GaussianMixture", "Prior", "StandardNormal", "VampPrior", "get_prior"]
+__all__ = [
+    "PRIORS",
+    "GaussianMixture",
+    "Prior",
+    "StandardNormal",
+    "VampPrior",
+    "get_prior",
+    "register_prior",
+]
 
 MixtureMode = Literal["enumerate", "gumbel", "marginal"]
 
@@ -393,22 +403,37 @@ class VampPrior(Prior):
     learned pseudo-inputs ``u_k``, ``p(z) = 1/K sum_k q(z | u_k)``.
 
     The pseudo-inputs live where the encoder's inputs do (``log1p`` counts for count
-    likelihoods) and start at the inputs of ``n_components`` random training cells. The
+    likelihoods) and start at the inputs of ``n_clusters`` random training cells. The
     encoder sees them with its batch-norm statistics frozen (running averages) and
     without dropout, so the prior does not depend on the minibatch.
+
+    Parameters
+    ----------
+    n_clusters
+        Number of pseudo-inputs ``K``, the components of ``p(z)`` (the same argument as
+        :class:`GaussianMixture`'s and :func:`pyrovae.fit`'s). The VampPrior gives cells no
+        cluster assignment, so its :attr:`~Prior.n_clusters` property (which tells
+        whether a prior clusters the cells) is None.
+    n_components
+        The old name of ``n_clusters`` (a ``FutureWarning``).
     """
 
     name = "vamp"
 
-    def __init__(self, n_components: int = 50):
+    def __init__(self, n_clusters: int = 50, *, n_components: int | None = None):
         super().__init__()
-        if n_components < 1:
-            raise ValueError(f"n_components must be positive, got {n_components}")
-        self.K = n_components
+        if n_components is not None:
+            warnings.warn("VampPrior(n_components=...) is now VampPrior(n_clusters=...), as for "
+                          "the other priors; n_components= will be removed", FutureWarning,
+                          stacklevel=2)
+            n_clusters = n_components
+        if n_clusters < 1:
+            raise ValueError(f"n_clusters must be positive, got {n_clusters}")
+        self.K = n_clusters
         self.register_buffer("initialized", torch.tensor(False))
 
     def config(self) -> dict[str, Any]:
-        return {"n_components": self.K}
+        return {"n_clusters": self.K}
 
     def setup(self, n_latent: int, encoder: Encoder) -> None:
         first = self.n_latent is None
@@ -506,9 +531,59 @@ PRIORS: dict[str, type[Prior]] = {
     "vamp": VampPrior,
 }
 
+P = TypeVar("P", bound=type[Prior])
+
+
+def register_prior(name: str | None = None, *, overwrite: bool = False) -> Callable[[P], P]:
+    """Add a prior class to :data:`PRIORS` (class decorator), so that it is chosen by name
+    (``pyrovae.fit(adata, prior=name)``, ``model.set_prior(name, adata)``) and a model
+    with it saves and loads (:func:`pyrovae.load` rebuilds it from its name and
+    :meth:`Prior.config`)::
+
+        @register_prior("student_t")
+        class StudentT(Prior):
+            name = "student_t"
+
+            def model(self, n_latent):
+                return pyro.sample("z", dist.StudentT(3.0, self._zero, 1.0)
+                                   .expand([n_latent]).to_event(1))
+
+    Parameters
+    ----------
+    name
+        Registry key; the class's ``name`` attribute when None. The class's ``name`` is
+        set to it, since saved models record ``prior.name``.
+    overwrite
+        Replace a different class registered under ``name``. Registering the same class
+        again, or a class of the same module and qualified name (a notebook cell run
+        again), is always allowed.
+
+    Raises
+    ------
+    ValueError
+        ``name`` is taken by another prior and ``overwrite`` is False.
+    """
+
+    def decorator(cls: P) -> P:
+        if not (isinstance(cls, type) and issubclass(cls, Prior)):
+            raise TypeError(f"register_prior takes a subclass of pyrovae.priors.Prior, got {cls!r}")
+        key = name or cls.name
+        old = PRIORS.get(key)
+        if old is not None and not overwrite and not same_definition(old, cls):
+            raise ValueError(
+                f"a prior named {key!r} is already registered ({old.__module__}."
+                f"{old.__qualname__}); pass overwrite=True to replace it, or choose another name"
+            )
+        cls.name = key
+        PRIORS[key] = cls
+        return cls
+
+    return decorator
+
 
 def get_prior(prior: str | Prior, **options) -> Prior:
-    """A prior object from its name and options (an object passes through)."""
+    """A prior object from its name in :data:`PRIORS` and its constructor options (an
+    object passes through)."""
     if isinstance(prior, Prior):
         if options:
             raise ValueError("options are for priors given by name; configure the object instead")
@@ -516,5 +591,8 @@ def get_prior(prior: str | Prior, **options) -> Prior:
     try:
         cls = PRIORS[prior]
     except KeyError:
-        raise ValueError(f"unknown prior {prior!r}; choose one of {sorted(PRIORS)}") from None
+        raise ValueError(
+            f"unknown prior {prior!r}; choose one of {sorted(PRIORS)}, or register yours with "
+            "pyrovae.priors.register_prior"
+        ) from None
     return cls(**options)
