@@ -480,6 +480,56 @@ def kmeans_labels(points: np.ndarray, k: int) -> np.ndarray:
     return KMeans(k, n_init=10, random_state=0).fit_predict(points)
 
 
+def knn_connectivities(points: np.ndarray, n_neighbors: int = 15):
+    """The kNN graph of ``points`` weighted as ``sc.pp.neighbors`` weights it (UMAP's fuzzy
+    simplicial set, Euclidean, exact neighbours, the point itself counted among its
+    ``n_neighbors``), as a symmetric CSR matrix.
+
+    Written with numpy and scikit-learn: scanpy's version compiles UMAP's numba kernels on
+    first use, 5-35 s of a first ``set_prior("gmm", adata)``.
+    """
+    import scipy.sparse as sp
+    from sklearn.neighbors import NearestNeighbors
+
+    points = np.asarray(points, dtype=np.float32)
+    n = len(points)
+    k = min(n_neighbors, n)
+    dists, idx = NearestNeighbors(n_neighbors=k).fit(points).kneighbors(points)
+    dists = dists.astype(np.float32)
+    # umap.umap_.smooth_knn_dist with local_connectivity=1, bandwidth=1
+    rho = np.array([row[row > 0][0] if (row > 0).any() else 0.0 for row in dists], dtype=np.float32)
+    target = np.log2(k)
+    lo, hi, mid = np.zeros(n), np.full(n, np.inf), np.ones(n)
+    done = np.zeros(n, dtype=bool)
+    gaps = dists[:, 1:].astype(np.float64) - rho[:, None]
+    for _ in range(64):
+        psum = np.where(gaps > 0, np.exp(-np.clip(gaps, 0, None) / mid[:, None]), 1.0).sum(1)
+        done |= np.abs(psum - target) < 1e-5
+        above = (psum > target) & ~done
+        below = (psum <= target) & ~done
+        hi[above] = mid[above]
+        mid[above] = (lo[above] + hi[above]) / 2
+        lo[below] = mid[below]
+        grow = below & np.isinf(hi)
+        mid[grow] *= 2
+        mid[below & ~grow] = (lo[below & ~grow] + hi[below & ~grow]) / 2
+        if done.all():
+            break
+    sigma = mid.astype(np.float32)
+    floor = 1e-3 * np.where(rho > 0, dists.mean(1), dists.mean())
+    sigma = np.maximum(sigma, floor).astype(np.float32)
+    # umap.umap_.compute_membership_strengths
+    gap = dists - rho[:, None]
+    weights = np.where(gap <= 0, 1.0, np.exp(-gap / sigma[:, None])).astype(np.float32)
+    weights[idx == np.arange(n)[:, None]] = 0.0
+    a = sp.csr_matrix((weights.ravel(), (np.repeat(np.arange(n), k), idx.ravel())), shape=(n, n))
+    a.eliminate_zeros()
+    t = a.T.tocsr()
+    out = (a + t - a.multiply(t)).tocsr()
+    out.eliminate_zeros()
+    return out
+
+
 def leiden_labels(points: np.ndarray, k: int, *, n_neighbors: int = 15) -> np.ndarray:
     """Leiden labels of ``points`` with exactly ``k`` clusters: the resolution is searched
     by bisection for ``k``; where no resolution gives exactly ``k``, the closest partition
@@ -489,13 +539,12 @@ def leiden_labels(points: np.ndarray, k: int, *, n_neighbors: int = 15) -> np.nd
     import pandas as pd
     import scanpy as sc
 
-    light = ad.AnnData(obs=pd.DataFrame(index=[str(i) for i in range(len(points))]),
-                       obsm={"X": points.astype(np.float32)})
-    sc.pp.neighbors(light, use_rep="X", n_neighbors=min(n_neighbors, len(points) - 1), random_state=0)
+    light = ad.AnnData(obs=pd.DataFrame(index=[str(i) for i in range(len(points))]))
+    graph = knn_connectivities(points, min(n_neighbors, len(points) - 1))
 
     def partition(resolution: float) -> np.ndarray:
         sc.tl.leiden(light, resolution=resolution, key_added="leiden", flavor="igraph",
-                     n_iterations=2, directed=False, random_state=0)
+                     n_iterations=2, directed=False, random_state=0, adjacency=graph)
         return light.obs["leiden"].astype(int).to_numpy()
 
     lo, hi, best = 1e-3, 20.0, None
