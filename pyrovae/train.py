@@ -12,11 +12,11 @@ import numpy as np
 import pandas as pd
 import pyro
 import torch
-from tqdm.auto import tqdm
 
 from . import distributed
 from .data import CountData, Shard, on_device
 from .module import VAEModule
+from .progress import progress_bar
 
 __all__ = ["TrainingDivergedError", "TrainingPlan", "default_max_epochs", "resolve_device", "train"]
 
@@ -205,7 +205,7 @@ def train(module: VAEModule, data: CountData, plan: TrainingPlan) -> pd.DataFram
         loss_fn = module.prior.elbo(plan.analytic_kl)(module.model, module.guide)
         step_fn = distributed.wrap(loss_fn, device)  # DistributedDataParallel when several
         optimizer = adam(step_fn.parameters(), plan)
-        bar = tqdm(
+        bar = progress_bar(
             range(max_epochs), desc="training", unit="epoch",
             disable=not plan.progress or shard[0] != 0, mininterval=0.5,
         )

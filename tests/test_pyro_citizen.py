@@ -399,3 +399,106 @@ def test_knn_graph_is_scanpys_without_compiling_it():
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
                           env=env, timeout=300)
     assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-3000:]
+
+
+# ---------------------------------------------------------------------------- notebook polish
+def test_posterior_predictive_check_has_a_short_repr(fitted, sim):
+    check = pyrovae.posterior_predictive_check(fitted, sim[:50], n_samples=5)
+    text = repr(check)
+    assert len(text.splitlines()) <= 12 and "60 genes, 50 cells, 5 replicated" in text
+    assert all(s in text for s in check.summary.index)
+    assert "<table" in check._repr_html_()
+
+
+def test_plot_functions_return_the_figure_and_display_once(fitted, sim, monkeypatch):
+    import matplotlib
+    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure
+
+    from pyrovae import plotting
+
+    table = fitted.differential_expression(sim, "cluster", "0", n_samples=3)
+    check = pyrovae.posterior_predictive_check(fitted, sim[:50], n_samples=5)
+    latent = fitted.get_latent(sim)
+    figures = {
+        "volcano": lambda: plotting.volcano(table),
+        "plot_latent_activity": lambda: plotting.plot_latent_activity(latent),
+        "plot_embedding": lambda: plotting.plot_embedding(latent[:, :2], sim.obs["cluster"]),
+        "plot_ppc": check.plot,
+        "plot_ppc_zeros": check.plot_zeros,
+        "plot_ppc_calibration": check.plot_calibration,
+    }
+    for name, draw in figures.items():
+        assert isinstance(draw(), Figure), name
+    plt.close("all")
+    # under Jupyter's inline backend the figure is closed: it shows once, as the value
+    monkeypatch.setattr(matplotlib, "get_backend", lambda: "module://matplotlib_inline.backend_inline")
+    for name, draw in figures.items():
+        fig = draw()
+        assert not plt.fignum_exists(fig.number), name
+    # a figure of the caller's is left open
+    fig, ax = plt.subplots()
+    assert plotting.volcano(table, ax=ax) is fig and plt.fignum_exists(fig.number)
+    plt.close("all")
+
+
+def test_volcano_says_what_it_shows(fitted, sim):
+    import matplotlib.pyplot as plt
+
+    table = fitted.differential_expression(sim, "cluster", "0", n_samples=3, delta=0.5)
+    table.loc[table.index[:3], "bayes_factor"] = np.log((1 + 1e-8) / 1e-8)  # three at the cap
+    ax = pyrovae.plotting.volcano(table).axes[0]
+    assert "genes called" in ax.get_title()
+    assert "0.5" in ax.get_ylabel()
+    assert any("cap 18.4" in t.get_text() and "(3)" in t.get_text()
+               for t in ax.get_legend().get_texts())
+    plt.close("all")
+
+
+def test_latent_activity_legend_colours():
+    import matplotlib.pyplot as plt
+    from matplotlib.colors import same_color
+
+    latent = np.random.default_rng(0).normal(size=(100, 4)) * [1.0, 1.0, 1.0, 1e-3]
+    for data in (latent, latent[:, :3]):  # with and without inactive dimensions
+        legend = pyrovae.plotting.plot_latent_activity(data).axes[0].get_legend()
+        colours = dict(zip([t.get_text().split(" ")[0] for t in legend.get_texts()],
+                           [h.get_facecolor() for h in legend.legend_handles[:2]]))
+        assert same_color(colours["active"], "C0") and same_color(colours["inactive"], "darkgrey")
+    plt.close("all")
+
+
+def test_comparison_table_and_plot(small, quick):
+    import matplotlib.pyplot as plt
+
+    table = pyrovae.compare(small, likelihoods=("poisson", "nb"), n_hidden=(np.int64(16),),
+                            n_samples=5, **quick)
+    assert table["n_hidden"].tolist() == ["[16]", "[16]"]
+    assert table["n_latent"].dtype.kind == "i" and table["marginal_ll"].dtype.kind == "f"
+    ax = pyrovae.compare.plot_comparison(table).axes[0]
+    assert not ax.patches  # points, not bars cut by the axis
+    lo, hi = ax.get_xlim()
+    assert lo < table[["elbo", "marginal_ll"]].min().min() and hi > table[["elbo", "marginal_ll"]].max().max()
+    plt.close("all")
+
+
+def test_progress_bar_without_ipywidgets_is_a_text_bar(monkeypatch):
+    import importlib.util
+
+    import tqdm.notebook
+    import tqdm.std
+
+    from pyrovae import progress
+
+    monkeypatch.setattr(progress, "in_notebook", lambda: True)
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "ipywidgets" else real(name, *a))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert progress.bar_class() is tqdm.std.tqdm
+        progress.progress_bar(range(3), disable=True).close()
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: object())
+    assert progress.bar_class() is tqdm.notebook.tqdm
+    monkeypatch.setattr(progress, "in_notebook", lambda: False)
+    assert progress.bar_class() is tqdm.std.tqdm
