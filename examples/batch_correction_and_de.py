@@ -51,5 +51,5 @@ true_lfc = adata.var.loc[table.index, "true_log_fold_change"] / np.log(2)
 print(f"correlation of the estimated and true log2 fold changes of the planted genes: "
       f"{np.corrcoef(true_lfc[truth], table['lfc_mean'][truth])[0, 1]:.3f}")
 
-ax = pyrovae.plotting.volcano(table, path="volcano_condition.png")
+pyrovae.plotting.volcano(table, path="volcano_condition.png")
 print("wrote volcano_condition.png")

@@ -9,16 +9,13 @@
 
 __version__ = "0.1.0"
 
-import pyro  # noqa: E402
-
-# Parameters live in their modules, not in Pyro's global parameter store, so that two
-# models coexist in one process and a model saves with its state_dict. PyroModules built
-# after importing pyrovae (the user's own too) follow this setting.
-pyro.settings.set(module_local_params=True)
+# pyrovae changes no Pyro setting and never uses Pyro's global parameter store: its
+# parameters are local torch parameters whatever ``module_local_params`` says (see
+# pyrovae.nn.LocalPyroModule), so the user's own Pyro code runs beside it unchanged.
 
 from . import checkpoint, criticism, datasets, de, imputation, likelihoods, metrics, plotting, priors  # noqa: E402
+from . import compare  # noqa: E402  (a module, callable as its compare function)
 from .api import fit, resume  # noqa: E402
-from .compare import compare  # noqa: E402
 from .criticism import posterior_predictive_check  # noqa: E402
 from .data import InvalidDataError  # noqa: E402
 from .nn import Architecture  # noqa: E402

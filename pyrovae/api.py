@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import inspect
 import os
 import tempfile
 import warnings
@@ -18,7 +19,7 @@ from . import checkpoint
 from .data import CovariateSpec, is_paths, open_backed
 from .likelihoods import Likelihood
 from .nn import Architecture
-from .priors import GaussianMixture, Prior, get_prior
+from .priors import PRIORS, GaussianMixture, Prior, get_prior
 from .train import (TrainingInterruptedWarning, TrainingPlan, TrainingState, default_max_epochs,
                     history_frame)
 from .vae import VAE, load
@@ -40,8 +41,8 @@ def fit(
     library: Literal["observed", "latent"] = "observed",
     dispersion: Literal["gene", "gene-batch", "gene-label", "gene-cell"] = "gene",
     prior: Literal["normal", "gmm", "vamp"] | Prior = "normal",
-    n_clusters: int = 10,
-    mixture: Literal["enumerate", "gumbel", "marginal"] = "enumerate",
+    n_clusters: int | None = None,
+    mode: Literal["enumerate", "gumbel", "marginal"] = "enumerate",
     pretrain_epochs: int | None = None,
     n_latent: int = 10,
     n_hidden: int | Sequence[int] = 128,
@@ -61,6 +62,7 @@ def fit(
     checkpoint: str | os.PathLike | None = None,
     checkpoint_every: int = 10,
     key_added: str = "X_pyrovae",
+    mixture: Literal["enumerate", "gumbel", "marginal"] | None = None,
 ) -> VAE:
     """Train a VAE on the counts in ``adata`` and write its latent space into ``adata``.
 
@@ -99,10 +101,14 @@ def fit(
         Prior on the latent space: ``"normal"`` (``N(0, I)``), ``"gmm"`` (a Gaussian
         mixture with a cluster for each cell, see :class:`pyrovae.priors.GaussianMixture`),
         ``"vamp"`` (:class:`pyrovae.priors.VampPrior`), or a prior object.
-    n_clusters, mixture
-        For ``prior="gmm"``: the number of clusters, and how the cluster is handled in
-        training: summed out exactly by enumeration, relaxed by Gumbel-Softmax, or
-        marginalised out of the prior.
+    n_clusters
+        For a prior given by name: the number of mixture components, the clusters of
+        ``"gmm"`` (default 10) or the pseudo-inputs of ``"vamp"`` (default 50); ignored,
+        with a warning, by priors without components.
+    mode
+        For ``prior="gmm"``: how the cluster is handled in training: summed out exactly
+        by enumeration, relaxed by Gumbel-Softmax, or marginalised out of the prior (the
+        ``mode`` of :class:`pyrovae.priors.GaussianMixture` and of ``set_prior``).
     pretrain_epochs
         For a mixture whose components start from the latent space (``init="leiden"``,
         the default, or ``"kmeans"``): epochs of a standard-normal VAE first, whose posterior means then place
@@ -128,6 +134,8 @@ def fit(
         have ended uninterrupted.
     key_added
         Key of the latent means in ``adata.obsm``.
+    mixture
+        The old name of ``mode`` (a ``FutureWarning``).
 
     Returns
     -------
@@ -140,15 +148,27 @@ def fit(
     any earlier entry). A prior with clusters also writes ``adata.obs["pyrovae_cluster"]``
     (``argmax_k q(y = k | x)``, categorical), ``adata.obsm["pyrovae_cluster_probs"]`` and
     the component means in ``adata.uns["pyrovae"]["component_means"]``. Nothing else in
-    ``adata`` changes, and nothing at all when ``fit`` fails.
+    ``adata`` changes, and nothing at all when ``fit`` fails. The writing is
+    :meth:`VAE.annotate`'s, which writes the same for a model changed later
+    (``set_prior`` and ``train``).
 
     Ctrl-C (or a Jupyter kernel interrupt) stops training at the end of the current step;
     ``fit`` then keeps the best weights so far, warns, and writes its outputs as usual
     (interrupted during a mixture's pre-training, it returns the pre-trained standard
     normal model).
     """
+    if mixture is not None:
+        warnings.warn("fit(mixture=...) is now fit(mode=...), the name GaussianMixture and "
+                      "set_prior use; mixture= will be removed", FutureWarning, stacklevel=2)
+        mode = mixture
     if isinstance(prior, str):
-        options = {"gmm": {"n_clusters": n_clusters, "mode": mixture}}.get(prior, {})
+        accepts = inspect.signature(PRIORS[prior]).parameters if prior in PRIORS else {}
+        options: dict = {"mode": mode} if "mode" in accepts else {}
+        if n_clusters is not None and "n_clusters" in accepts:
+            options["n_clusters"] = n_clusters
+        elif n_clusters is not None:
+            warnings.warn(f"the {prior!r} prior has no mixture components: n_clusters is "
+                          "ignored", UserWarning, stacklevel=2)
         prior = get_prior(prior, **options)
     hidden = (n_hidden,) if isinstance(n_hidden, (int, np.integer)) else tuple(n_hidden)
     plan = TrainingPlan(
@@ -236,21 +256,10 @@ def _fit_stages(model: VAE, adata, plan: TrainingPlan, run: dict[str, Any], *,
 
 
 def write_outputs(model: VAE, adata: ad.AnnData, run: dict[str, Any]) -> None:
-    """What ``fit`` writes into ``adata``, computed first and then written all at once."""
-    key_added = run["key_added"]
-    latent = model.get_latent(adata)
-    record = {
-        "settings": {**model.settings(), "obsm_key": key_added, "n_cells": adata.n_obs,
-                     "pretrain_epochs": run["pretrain_epochs"]},
-        "history": {k: model.history[k].to_numpy() for k in model.history.columns},
-    }
-    clusters = {}
-    if model.prior.n_clusters is not None:
-        clusters = cluster_outputs(model, adata, record)
-    adata.obsm[key_added] = latent
-    for key, value in clusters.items():
-        (adata.obs if key == "pyrovae_cluster" else adata.obsm)[key] = value
-    adata.uns["pyrovae"] = record
+    """What ``fit`` writes into ``adata`` (:meth:`VAE.annotate`, all computed before
+    anything is written), with the run's pre-training epochs in the settings."""
+    model.annotate(adata, key_added=run["key_added"])
+    adata.uns["pyrovae"]["settings"]["pretrain_epochs"] = run["pretrain_epochs"]
 
 
 def resume(path: str | os.PathLike, adata, *, progress: bool | None = None, **expected) -> VAE:
@@ -316,15 +325,3 @@ def resume(path: str | os.PathLike, adata, *, progress: bool | None = None, **ex
     if run["kind"] == "fit" and not is_paths(adata):
         write_outputs(model, adata, run)
     return model
-
-
-def cluster_outputs(model: VAE, adata: ad.AnnData, record: dict) -> dict[str, Any]:
-    """Cluster assignments and probabilities (for ``adata``); component means into ``record``."""
-    probs = model.get_cluster_probs(adata)
-    K = probs.shape[1]
-    record["component_means"] = model.prior.locs.detach().cpu().numpy()
-    return {
-        "pyrovae_cluster_probs": probs,
-        "pyrovae_cluster": pd.Categorical(probs.argmax(1).astype(str),
-                                          categories=[str(k) for k in range(K)]),
-    }

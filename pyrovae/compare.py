@@ -1,9 +1,16 @@
-"""``pyrovae.compare``: fit several models on one train/held-out split and score them."""
+"""``pyrovae.compare``: fit several models on one train/held-out split and score them.
+
+The module is also callable: ``pyrovae.compare(adata, ...)`` is
+``pyrovae.compare.compare(adata, ...)``, and ``import pyrovae.compare as pc`` gives this
+module (``pc.compare``, ``pc.plot_comparison``).
+"""
 
 from __future__ import annotations
 
 import itertools
+import sys
 import time
+import types
 from typing import Any, Sequence
 
 import anndata as ad
@@ -59,9 +66,8 @@ def compare(
     ``cluster_ari``, ``cluster_nmi`` for mixtures), and ``epochs`` and ``seconds`` of
     training. Plot it with :func:`plot_comparison`.
     """
-    from tqdm.auto import tqdm
-
     from .api import fit
+    from .progress import progress_bar
 
     kinds = {get_likelihood(name).data for name in likelihoods}
     if len(kinds) > 1:
@@ -81,7 +87,7 @@ def compare(
 
     grid = list(itertools.product(likelihoods, priors, n_hidden, n_latent))
     rows = []
-    for likelihood, prior, hidden, latent_dim in tqdm(grid, desc="comparing", disable=not progress):
+    for likelihood, prior, hidden, latent_dim in progress_bar(grid, desc="comparing", disable=not progress):
         train = adata[train_idx].copy()
         options = dict(fit_options)
         if prior == "gmm" and labels is not None:
@@ -94,7 +100,7 @@ def compare(
         row = {
             "likelihood": likelihood,
             "prior": prior,
-            "n_hidden": str(list(np.atleast_1d(hidden))),
+            "n_hidden": str([int(h) for h in np.atleast_1d(hidden)]),  # "[128]", not np.int64
             "n_latent": latent_dim,
             "marginal_ll": float(model.marginal_log_likelihood(test, n_samples=n_samples).mean()),
             "elbo": float(elbo["elbo"]),
@@ -116,9 +122,12 @@ def compare(
 
 
 def plot_comparison(table: pd.DataFrame, *, path=None):
-    """Held-out marginal log-likelihood and ELBO of each model (bars), and KMeans ARI
-    when present; returns the Figure."""
+    """Held-out marginal log-likelihood and ELBO of each model (points: the nats are far
+    from 0, where bars would have to start), and KMeans ARI (bars from 0) when present;
+    returns the Figure."""
     import matplotlib.pyplot as plt
+
+    from .plotting import _saved
 
     names = [
         " / ".join(str(row[k]) for k in ("likelihood", "prior", "n_hidden", "n_latent")
@@ -130,13 +139,16 @@ def plot_comparison(table: pd.DataFrame, *, path=None):
                              squeeze=False)
     ax = axes[0, 0]
     y = np.arange(len(table))
-    ax.barh(y - 0.2, table["marginal_ll"], height=0.4, label="marginal log-likelihood")
-    ax.barh(y + 0.2, table["elbo"], height=0.4, label="ELBO")
+    for column, offset, marker, label in (("marginal_ll", -0.12, "o", "marginal log-likelihood"),
+                                          ("elbo", 0.12, "s", "ELBO")):
+        values = table[column].to_numpy(dtype=float)
+        ax.hlines(y + offset, values.min(), values, color="lightgrey", lw=1)
+        ax.plot(values, y + offset, marker, label=label)
     lo = min(table["elbo"].min(), table["marginal_ll"].min())
     hi = max(table["elbo"].max(), table["marginal_ll"].max())
     ax.set_xlim(lo - 0.1 * (hi - lo) - 1, hi + 0.1 * (hi - lo) + 1)
     ax.set_yticks(y, names)
-    ax.invert_yaxis()
+    ax.set_ylim(len(table) - 0.5, -0.5)
     ax.set_xlabel("nats per held-out cell (higher is better)")
     ax.legend(frameon=False, fontsize="small")
     if has_ari:
@@ -145,11 +157,19 @@ def plot_comparison(table: pd.DataFrame, *, path=None):
         if "cluster_ari" in table:
             ax.barh(y + 0.2, table["cluster_ari"].fillna(0), height=0.4, label="mixture's own clusters")
         ax.set_yticks(y, [""] * len(y))
-        ax.invert_yaxis()
+        ax.set_ylim(len(table) - 0.5, -0.5)
         ax.set_xlabel("ARI against the labels")
-        ax.set_xlim(0, 1)
+        ax.set_xlim(min(0.0, float(table["kmeans_ari"].min())), 1)
         ax.legend(frameon=False, fontsize="small")
     fig.tight_layout()
-    if path is not None:
-        fig.savefig(path, dpi=120)
-    return fig
+    return _saved(fig, path)
+
+
+class _CallableModule(types.ModuleType):
+    """This module, callable as :func:`compare`."""
+
+    def __call__(self, *args, **kwargs) -> pd.DataFrame:
+        return compare(*args, **kwargs)
+
+
+sys.modules[__name__].__class__ = _CallableModule

@@ -307,7 +307,7 @@ def ppc_calibration(table: pd.DataFrame, levels: Sequence[float] = LEVELS) -> pd
     return frame
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, repr=False)
 class PosteriorPredictiveCheck:
     """The result of a posterior predictive check.
 
@@ -331,6 +331,19 @@ class PosteriorPredictiveCheck:
     summary: pd.DataFrame
     calibration: pd.DataFrame
     n_replicates: int
+
+    def __repr__(self) -> str:
+        """A header and the summary, one row per statistic (the tables stay attributes)."""
+        n_genes = len(self.genes.index.get_level_values("gene").unique())
+        n_cells = len(self.cells.index.get_level_values("cell").unique())
+        head = (f"PosteriorPredictiveCheck: {n_genes} genes, {n_cells} cells, "
+                f"{self.n_replicates} replicated data sets")
+        body = self.summary.to_string(float_format=lambda v: f"{v:.3g}")
+        return f"{head}\n{body}\n(tables: .genes, .cells, .summary, .calibration; plots: .plot())"
+
+    def _repr_html_(self) -> str:
+        head = repr(self).splitlines()[0]
+        return f"<p>{head}</p>{self.summary.to_html(float_format=lambda v: f'{v:.3g}')}"
 
     @classmethod
     def from_tables(cls, genes: pd.DataFrame, cells: pd.DataFrame,

@@ -9,6 +9,12 @@ new likelihood is one more ``@register_likelihood`` function::
     def poisson(log_rho, *, library):
         return dist.Poisson(library * log_rho.exp())
 
+A head is one value per cell and gene unless its registration gives it another width,
+e.g. ``heads={"log_rho": "log_softmax", "log_size": ("identity", 1)}`` for one value per
+cell, ``(cells, 1)``, broadcast over the genes by the distribution. Per-gene parameters
+start at zero unless their registration says otherwise:
+``gene_params={"log_theta": 2.0}`` (a constant) or a callable of the parameter's shape.
+
 Count likelihoods (``data="counts"``) put the mean at ``library * rho`` with
 ``rho = softmax(decoder)`` over genes, and ``library`` the cell's observed total count;
 they receive ``log_rho = log_softmax(decoder)``, so that the mean is handled in log space
@@ -18,7 +24,7 @@ they receive ``log_rho = log_softmax(decoder)``, so that the mean is handled in 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable, Literal, Mapping
+from typing import Callable, Literal, Mapping, Sequence, Union
 
 import pyro.distributions as dist
 import torch
@@ -38,6 +44,10 @@ __all__ = [
 
 Activation = Literal["softmax", "log_softmax", "identity"]
 DataKind = Literal["counts", "unit_interval", "real"]
+#: a head's declaration: its activation (one value per gene), or ``(activation, width)``
+HeadSpec = Union[Activation, tuple[Activation, int]]
+#: a per-gene parameter's initial value: a constant, or ``init(shape) -> tensor``
+GeneParamInit = Union[float, Callable[[torch.Size], torch.Tensor]]
 
 
 @dataclass(frozen=True)
@@ -53,13 +63,18 @@ class Likelihood:
         shape ``(cells, genes)``.
     heads
         Decoder outputs the distribution needs, with the activation the decoder applies:
-        ``"softmax"`` or ``"log_softmax"`` (over genes), or ``"identity"``.
+        ``"softmax"`` or ``"log_softmax"`` (over the head's values), or ``"identity"``.
     gene_params
-        Per-gene parameters learned as point estimates, unconstrained (e.g. ``log_theta``),
-        each initialised at zero.
+        Per-gene parameters learned as point estimates, unconstrained (e.g. ``log_theta``).
     data
         What the observations are: ``"counts"`` (non-negative integers),
         ``"unit_interval"`` (values in [0, 1]) or ``"real"`` (e.g. log-normalised).
+    head_widths
+        Heads with another width than one value per gene, e.g. ``{"log_size": 1}`` for
+        a ``(cells, 1)`` head; the others have one per gene.
+    gene_param_init
+        Initial value of the per-gene parameters not at zero: a constant or a callable
+        of the parameter's shape (``(n_genes,)``, or ``(n_batches, n_genes)`` per batch).
     """
 
     name: str
@@ -68,10 +83,26 @@ class Likelihood:
     gene_params: tuple[str, ...] = ()
     data: DataKind = "counts"
     doc: str = field(default="", compare=False)
+    head_widths: Mapping[str, int] = field(default_factory=dict)
+    gene_param_init: Mapping[str, GeneParamInit] = field(default_factory=dict, compare=False)
 
     @property
     def is_count(self) -> bool:
         return self.data == "counts"
+
+    def initial_value(self, name: str, shape: Sequence[int]) -> torch.Tensor:
+        """The initial value of per-gene parameter ``name`` with ``shape``."""
+        shape = torch.Size(shape)
+        init = self.gene_param_init.get(name, 0.0)
+        if callable(init):
+            value = torch.as_tensor(init(shape), dtype=torch.float32)
+            if value.shape != shape:
+                raise ValueError(
+                    f"the initial value of {self.name!r}'s {name!r} has shape "
+                    f"{tuple(value.shape)}; its init must return shape {tuple(shape)}"
+                )
+            return value.clone()
+        return torch.full(shape, float(init))
 
     def encoder_input(self, x: torch.Tensor) -> torch.Tensor:
         """The encoder sees ``log1p`` counts, or continuous data as they are."""
@@ -102,23 +133,82 @@ LIKELIHOODS: dict[str, Likelihood] = {}
 def register_likelihood(
     name: str,
     *,
-    heads: Mapping[str, Activation],
-    gene_params: tuple[str, ...] = (),
+    heads: Mapping[str, HeadSpec],
+    gene_params: Sequence[str] | Mapping[str, GeneParamInit] = (),
     data: DataKind = "counts",
+    overwrite: bool = False,
 ) -> Callable[[Callable[..., Distribution]], Callable[..., Distribution]]:
-    """Add a likelihood to :data:`LIKELIHOODS` (decorator)."""
+    """Add a likelihood to :data:`LIKELIHOODS` (decorator).
+
+    Parameters
+    ----------
+    name
+        Registry key (what ``pyrovae.fit(adata, likelihood=name)`` and saved models use).
+    heads
+        The decoder outputs the function takes, each with its activation: one value per
+        gene, or ``(activation, width)`` for another width, e.g. ``("identity", 1)`` for
+        one value per cell.
+    gene_params
+        Names of the per-gene parameters the function takes (starting at zero), or a
+        mapping from each name to its initial value: a constant or a callable of the
+        parameter's shape, e.g. ``{"log_theta": 2.0}``.
+    data
+        What the observations are (see :class:`Likelihood`).
+    overwrite
+        Replace a different function registered under ``name``. Registering the same
+        function again, or one of the same module and qualified name (a notebook cell
+        run again), is always allowed.
+
+    Raises
+    ------
+    ValueError
+        ``name`` is taken by another likelihood and ``overwrite`` is False, or a count
+        likelihood lacks a per-gene ``log_rho`` head with a log_softmax activation.
+    """
+    activations: dict[str, str] = {}
+    widths: dict[str, int] = {}
+    for head, spec in heads.items():
+        activation, width = (spec, None) if isinstance(spec, str) else tuple(spec)
+        if activation not in ("softmax", "log_softmax", "identity"):
+            raise ValueError(
+                f"head {head!r}: the activation must be 'softmax', 'log_softmax' or "
+                f"'identity', got {activation!r}"
+            )
+        if width is not None:
+            if int(width) < 1:
+                raise ValueError(f"head {head!r}: the width must be positive, got {width}")
+            widths[head] = int(width)
+        activations[head] = activation
+    if isinstance(gene_params, Mapping):
+        init, names = dict(gene_params), tuple(gene_params)
+    else:
+        init, names = {}, tuple(gene_params)
 
     def decorator(fn: Callable[..., Distribution]) -> Callable[..., Distribution]:
-        if name in LIKELIHOODS:
-            raise ValueError(f"a likelihood named {name!r} is already registered")
-        if data == "counts" and heads.get("log_rho") != "log_softmax":
-            raise ValueError("a count likelihood needs a 'log_rho' head with a log_softmax activation")
+        old = LIKELIHOODS.get(name)
+        if old is not None and not overwrite and not same_definition(old.distribution, fn):
+            raise ValueError(
+                f"a likelihood named {name!r} is already registered; pass overwrite=True to "
+                "replace it, or choose another name"
+            )
+        if data == "counts" and (activations.get("log_rho") != "log_softmax" or "log_rho" in widths):
+            raise ValueError(
+                "a count likelihood needs a per-gene 'log_rho' head with a log_softmax activation"
+            )
         LIKELIHOODS[name] = Likelihood(
-            name, fn, dict(heads), tuple(gene_params), data, fn.__doc__ or ""
+            name, fn, activations, names, data, fn.__doc__ or "", widths, init
         )
         return fn
 
     return decorator
+
+
+def same_definition(old, new) -> bool:
+    """The same object, or one defined at the same place (a notebook cell run again)."""
+    return old is new or (
+        getattr(old, "__module__", None) == getattr(new, "__module__", None)
+        and getattr(old, "__qualname__", None) == getattr(new, "__qualname__", None)
+    )
 
 
 def get_likelihood(likelihood: str | Likelihood) -> Likelihood:

@@ -106,10 +106,15 @@ class Model(LocalPyroModule):
         self.prior = prior
         per_cell = likelihood.gene_params if cov.dispersion == "gene-cell" else ()
         heads = {**likelihood.heads, **{name: "identity" for name in per_cell}}
-        self.decoder = Decoder(arch.n_latent + cov.n_covariates, n_genes, heads, arch)
+        self.decoder = Decoder(arch.n_latent + cov.n_covariates, n_genes, heads, arch,
+                               likelihood.head_widths)
+        for name in per_cell:  # a decoder output per cell and gene: its bias at the init given
+            if name in likelihood.gene_param_init:
+                with torch.no_grad():
+                    self.decoder.heads[name].bias.copy_(likelihood.initial_value(name, (n_genes,)))
         rows = {"gene": (), "gene-batch": (cov.n_batches,), "gene-label": (cov.n_labels,)}
         self.gene_params = nn.ParameterDict({
-            name: nn.Parameter(torch.zeros(*rows[cov.dispersion], n_genes))
+            name: nn.Parameter(likelihood.initial_value(name, (*rows[cov.dispersion], n_genes)))
             for name in likelihood.gene_params if cov.dispersion != "gene-cell"
         })
         # log-normal of the training cells' log library sizes, per batch

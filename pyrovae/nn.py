@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Mapping, Sequence
+from typing import Iterable, Mapping, Sequence
 
 import torch
+from pyro.distributions import constraints
 from pyro.nn import PyroModule
+from pyro.poutine.runtime import effectful
 from torch import nn
 from torch.nn import functional as F
 
-__all__ = ["Architecture", "Decoder", "Encoder", "LocalPyroModule", "MLP"]
+__all__ = ["Architecture", "Decoder", "Encoder", "LocalPyroModule", "MLP", "PyroFunction"]
 
 
 class LocalPyroModule(PyroModule):
@@ -23,9 +25,83 @@ class LocalPyroModule(PyroModule):
     optimiser through ``ELBO()(model, guide)``; nothing handles those messages, and they
     cost about 0.4 ms per training step, a third of Pyro's own overhead at scVI's network
     size (``benchmarks/profile_step.py``). So this module is called as an ``nn.Module``.
+
+    Pyro's parameter context is therefore never opened: the parameters stay local torch
+    parameters whatever ``pyro.settings.get("module_local_params")`` says, and nothing
+    reads or writes Pyro's global parameter store. pyrovae changes no Pyro setting.
     """
 
     __call__ = nn.Module.__call__
+
+
+def _param_site(name: str, param: nn.Parameter) -> torch.Tensor:
+    """Announce ``param`` as a Pyro ``param`` site, without touching the param store, and
+    return the site's value (a differentiable view of ``param``, or what a handler made
+    of it).
+
+    Under ``poutine.trace`` the site shows in the trace; its value's ``unconstrained()``
+    is ``param`` itself, which is how ``pyro.infer.SVI`` collects the tensors that a
+    ``pyro.optim`` optimiser steps (as with the param store's own values).
+    """
+    value = param.view_as(param)
+    value.unconstrained = lambda: param
+    return effectful(type="param")(lambda *_, **__: value)(
+        name, value, constraint=constraints.real, event_dim=None, name=name
+    )
+
+
+class PyroFunction(nn.Module):
+    """A Pyro model or guide for Pyro's own tools, over :class:`LocalPyroModule` s.
+
+    Calling it calls ``module`` with the same arguments and returns its result. During
+    the call each trainable parameter of the ``parts`` is a Pyro ``param`` site, named by
+    its place (e.g. ``"model.decoder.body.0.weight"``), and the networks compute with the
+    sites' values, as a ``PyroModule`` does. So ``poutine.trace``,
+    ``pyro.render_model(..., render_params=True)``, ``pyro.infer.Predictive``,
+    ``poutine.substitute`` and ``pyro.infer.SVI`` with a ``pyro.optim`` optimiser see (and
+    train) the parts' own parameters, ``ELBO()(model, guide)`` loss modules find them
+    through ``parameters()``, and Pyro's global parameter store is never used.
+
+    Parameters
+    ----------
+    module
+        The model or guide to call.
+    parts
+        ``(prefix, module)`` pairs whose parameters are announced, ``module`` itself among
+        them.
+    """
+
+    def __init__(self, module: nn.Module, parts: Iterable[tuple[str, nn.Module]]):
+        super().__init__()
+        self.module = module
+        parts = list(parts)
+        self.parts = nn.ModuleList([part for _, part in parts])
+        self.__dict__["_prefixes"] = [prefix for prefix, _ in parts]
+
+    def _sites(self) -> list[tuple[str, nn.Module, str, nn.Parameter]]:
+        out, seen = [], set()
+        for prefix, part in zip(self._prefixes, self.parts):
+            for owner_name, owner in part.named_modules(prefix=prefix):
+                for attr, param in owner._parameters.items():
+                    if param is None or not param.requires_grad or id(param) in seen:
+                        continue
+                    seen.add(id(param))
+                    out.append((f"{owner_name}.{attr}", owner, attr, param))
+        return out
+
+    def forward(self, *args, **kwargs):
+        sites = self._sites()
+        try:
+            for name, owner, attr, param in sites:
+                # how torch.func.functional_call swaps a parameter for a tensor
+                owner._parameters[attr] = _param_site(name, param)
+            return self.module(*args, **kwargs)
+        finally:
+            for _, owner, attr, param in sites:
+                owner._parameters[attr] = param
+
+    def __repr__(self) -> str:
+        return f"PyroFunction({type(self.module).__name__})"
 
 
 @dataclass(frozen=True)
@@ -103,14 +179,20 @@ class Decoder(nn.Module):
     """``z -> {head: (cells, genes)}``: one shared body, one linear map per head.
 
     ``heads`` maps each head's name to its activation, ``"softmax"`` or ``"log_softmax"``
-    (over genes), or ``"identity"``. No dropout in the decoder, as in scVI.
+    (over the head's values), or ``"identity"``. A head is ``(cells, n_genes)`` unless
+    ``widths`` gives it another width (e.g. 1 for one value per cell). No dropout in the
+    decoder, as in scVI.
     """
 
-    def __init__(self, n_in: int, n_genes: int, heads: Mapping[str, str], arch: Architecture):
+    def __init__(self, n_in: int, n_genes: int, heads: Mapping[str, str], arch: Architecture,
+                 widths: Mapping[str, int] | None = None):
         super().__init__()
+        widths = dict(widths or {})
         self.activations = dict(heads)
         self.body = MLP(n_in, arch.n_hidden[::-1], dropout=0.0, batch_norm=arch.batch_norm)
-        self.heads = nn.ModuleDict({name: nn.Linear(self.body.n_out, n_genes) for name in heads})
+        self.heads = nn.ModuleDict({
+            name: nn.Linear(self.body.n_out, widths.get(name, n_genes)) for name in heads
+        })
 
     def forward(self, z: torch.Tensor) -> dict[str, torch.Tensor]:
         h = self.body(z)

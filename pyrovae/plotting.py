@@ -103,10 +103,13 @@ def umap(adata: ad.AnnData, *, use_rep: str = "X_pyrovae", n_neighbors: int = 15
     return light.obsm["X_umap"]
 
 
-def plot_embedding(coords: np.ndarray, labels, *, title: str = "", ax=None, point_size: float = 8):
-    """Scatter 2-D coordinates coloured by a categorical label, legend on the right."""
+def plot_embedding(coords: np.ndarray, labels, *, title: str = "", ax=None, point_size: float = 8,
+                   path: str | os.PathLike | None = None) -> "Figure":
+    """Scatter 2-D coordinates coloured by a categorical label, legend on the right; returns
+    the Figure (of ``ax`` when given)."""
     import matplotlib.pyplot as plt
 
+    owned = ax is None
     if ax is None:
         _, ax = plt.subplots(figsize=(7, 5))
     labels = pd.Categorical(labels)
@@ -122,7 +125,7 @@ def plot_embedding(coords: np.ndarray, labels, *, title: str = "", ax=None, poin
     ax.set_title(title)
     ax.legend(loc="center left", bbox_to_anchor=(1.0, 0.5), frameon=False, fontsize="small",
               markerscale=2)
-    return ax
+    return _saved(ax.figure, path, owned=owned)
 
 
 def plot_clusters(adata: ad.AnnData, *, label_key: str | None = None,
@@ -176,6 +179,7 @@ def plot_latent_activity(latent_means: np.ndarray, *, threshold: float = 0.01,
     The matplotlib Figure.
     """
     import matplotlib.pyplot as plt
+    from matplotlib.patches import Patch
 
     from .metrics import latent_activity, n_active
 
@@ -185,15 +189,21 @@ def plot_latent_activity(latent_means: np.ndarray, *, threshold: float = 0.01,
     fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
     dims = np.arange(len(activity))
     active = activity > threshold
-    left.bar(dims[active], activity[active], color="C0", label="active")
-    left.bar(dims[~active], np.maximum(activity[~active], 1e-12), color="lightgrey", label="inactive")
-    left.axhline(threshold, color="black", lw=0.8, ls="--", label=f"threshold {threshold:g}")
+    colors = {"active": "C0", "inactive": "darkgrey"}
+    left.bar(dims[active], activity[active], color=colors["active"])
+    left.bar(dims[~active], np.maximum(activity[~active], 1e-12), color=colors["inactive"])
+    line = left.axhline(threshold, color="black", lw=0.8, ls="--")
+    # legend entries made by hand: an empty bar group would otherwise lend its entry
+    # another colour (or none)
+    handles = [Patch(color=c, label=f"{k} ({(active if k == 'active' else ~active).sum()})")
+               for k, c in colors.items()] + [line]
+    line.set_label(f"threshold {threshold:g}")
     left.set_yscale("log")
     left.set_xticks(dims)
     left.set_xlabel("latent dimension")
     left.set_ylabel("activity: variance of E_q[z] across cells")
     left.set_title(f"{n_active(activity, threshold=threshold)} of {len(activity)} dimensions active")
-    left.legend(frameon=False, fontsize="small")
+    left.legend(handles=handles, frameon=False, fontsize="small")
     bound = float(np.abs(cov).max()) or 1.0
     image = right.imshow(cov, cmap="RdBu_r", vmin=-bound, vmax=bound)
     right.set_xticks(dims)
@@ -269,6 +279,7 @@ def plot_ppc_calibration(calibration: pd.DataFrame, *, ax=None,
     """
     import matplotlib.pyplot as plt
 
+    owned = ax is None
     if ax is None:
         _, ax = plt.subplots(figsize=(5, 5))
     level = calibration.index.to_numpy(dtype=float)
@@ -281,7 +292,7 @@ def plot_ppc_calibration(calibration: pd.DataFrame, *, ax=None,
     ax.set_ylabel("observed coverage")
     ax.set_title("calibration of the posterior predictive")
     ax.legend(frameon=False, fontsize="small")
-    return _saved(ax.figure, path)
+    return _saved(ax.figure, path, owned=owned)
 
 
 def plot_ppc(check: "PosteriorPredictiveCheck", *,
@@ -301,6 +312,7 @@ def _plot_observed_vs_replicated(genes: pd.DataFrame, statistic: str, *, log: bo
                                  path, label: str) -> "Figure":
     import matplotlib.pyplot as plt
 
+    owned = ax is None
     if ax is None:
         _, ax = plt.subplots(figsize=(5, 5))
     table = genes.xs(statistic, level="statistic")
@@ -324,13 +336,19 @@ def _plot_observed_vs_replicated(genes: pd.DataFrame, statistic: str, *, log: bo
     ax.set_ylabel(f"replicated {label} (mean, 90 % interval)")
     ax.set_title(f"{label} per gene")
     ax.legend(frameon=False, fontsize="small")
-    return _saved(ax.figure, path)
+    return _saved(ax.figure, path, owned=owned)
 
 
 # ---------------------------------------------------------------------------- differential expression
 def volcano(table: pd.DataFrame, *, n_labels: int = 10, bayes_factor: float = 3.0,
             delta: float | None = None, ax=None, path: str | os.PathLike | None = None):
     """Volcano plot of a differential expression table: ``lfc_mean`` against the Bayes factor.
+
+    The Bayes factor is ``log P(|LFC| > delta) - log P(|LFC| <= delta)`` with ``P`` the
+    share of posterior draws, so it caps at ``log(1 / 1e-8)``, about 18.4, for every
+    gene whose draws all lie beyond ``delta`` (``p = 1``; the ``1e-8`` keeps it finite,
+    as in scVI): the genes on that line differ by more than ``delta`` in every draw,
+    and more draws would not separate them. A dotted line marks the cap.
 
     Genes whose Bayes factor is above ``bayes_factor`` and whose ``|lfc_mean|`` is above
     ``delta`` are drawn in colour (up in group 1 red, down blue), the others grey; the
@@ -354,14 +372,17 @@ def volcano(table: pd.DataFrame, *, n_labels: int = 10, bayes_factor: float = 3.
 
     Returns
     -------
-    The matplotlib Axes.
+    The matplotlib Figure (of ``ax`` when given).
     """
     import matplotlib.pyplot as plt
+
+    from .de import EPS
 
     missing = [c for c in ("lfc_mean", "bayes_factor") if c not in table.columns]
     if missing:
         raise KeyError(f"the table has no column {missing}; expected the result of "
                        "VAE.differential_expression")
+    owned = ax is None
     if ax is None:
         _, ax = plt.subplots(figsize=(6, 5))
     if delta is None:
@@ -385,16 +406,38 @@ def volcano(table: pd.DataFrame, *, n_labels: int = 10, bayes_factor: float = 3.
                     xytext=(4, 2 - 9 * lines[i]), textcoords="offset points",
                     arrowprops={"arrowstyle": "-", "lw": 0.4, "color": "grey"} if lines[i] else None)
     ax.axhline(bayes_factor, color="grey", lw=0.8, ls="--")
+    cap = float(np.log((1 + EPS) / EPS))
+    if len(evidence) and np.isclose(evidence.max(), cap):
+        ax.axhline(cap, color="grey", lw=0.6, ls=":",
+                   label=f"cap {cap:.1f}: all draws beyond delta ({np.isclose(evidence, cap).sum()})")
     for x in (-delta, delta) if delta > 0 else ():
         ax.axvline(x, color="grey", lw=0.8, ls="--")
     ax.set_xlabel(f"mean log2 fold change, {first} over {second}")
-    ax.set_ylabel("Bayes factor, log P(|LFC| > delta) / P(|LFC| <= delta)")
+    ax.set_ylabel(f"Bayes factor, log P(|LFC| > {delta:g}) / P(|LFC| <= {delta:g})")
+    ax.set_title(f"{first} vs {second}: {called.sum()} of {len(table)} genes called")
     ax.legend(frameon=False, fontsize="small")
-    _saved(ax.figure, path)
-    return ax
+    return _saved(ax.figure, path, owned=owned)
 
 
-def _saved(fig: "Figure", path: str | os.PathLike | None) -> "Figure":
+
+def _saved(fig: "Figure", path: str | os.PathLike | None, *, owned: bool = True) -> "Figure":
+    """Save ``fig`` to ``path`` (if given) and return it, displayed once in Jupyter.
+
+    A figure this module created (``owned``) is closed under an inline backend (Jupyter):
+    the returned Figure then displays once, as the cell's value, instead of once by the
+    backend and once more as the value. Elsewhere it stays open for ``plt.show()``. A
+    figure of the caller's (drawn on their ``ax``) is left as it is.
+    """
     if path is not None:
         fig.savefig(path, dpi=150, bbox_inches="tight")
+    if owned and _inline_backend():
+        import matplotlib.pyplot as plt
+
+        plt.close(fig)
     return fig
+
+
+def _inline_backend() -> bool:
+    import matplotlib
+
+    return "inline" in matplotlib.get_backend().lower()

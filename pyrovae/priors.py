@@ -15,7 +15,8 @@ from __future__ import annotations
 
 import contextlib
 import math
-from typing import Any, Iterator, Literal
+import warnings
+from typing import Any, Callable, Iterator, Literal, TypeVar
 
 import numpy as np
 import pyro
@@ -25,9 +26,18 @@ from pyro.infer import ELBO, Trace_ELBO, TraceEnum_ELBO, TraceMeanField_ELBO
 from torch import nn
 from torch.nn import functional as F
 
+from .likelihoods import same_definition
 from .nn import Encoder, LocalPyroModule
 
-__all__ = ["PRIORS", "GaussianMixture", "Prior", "StandardNormal", "VampPrior", "get_prior"]
+__all__ = [
+    "PRIORS",
+    "GaussianMixture",
+    "Prior",
+    "StandardNormal",
+    "VampPrior",
+    "get_prior",
+    "register_prior",
+]
 
 MixtureMode = Literal["enumerate", "gumbel", "marginal"]
 
@@ -393,22 +403,37 @@ class VampPrior(Prior):
     learned pseudo-inputs ``u_k``, ``p(z) = 1/K sum_k q(z | u_k)``.
 
     The pseudo-inputs live where the encoder's inputs do (``log1p`` counts for count
-    likelihoods) and start at the inputs of ``n_components`` random training cells. The
+    likelihoods) and start at the inputs of ``n_clusters`` random training cells. The
     encoder sees them with its batch-norm statistics frozen (running averages) and
     without dropout, so the prior does not depend on the minibatch.
+
+    Parameters
+    ----------
+    n_clusters
+        Number of pseudo-inputs ``K``, the components of ``p(z)`` (the same argument as
+        :class:`GaussianMixture`'s and :func:`pyrovae.fit`'s). The VampPrior gives cells no
+        cluster assignment, so its :attr:`~Prior.n_clusters` property (which tells
+        whether a prior clusters the cells) is None.
+    n_components
+        The old name of ``n_clusters`` (a ``FutureWarning``).
     """
 
     name = "vamp"
 
-    def __init__(self, n_components: int = 50):
+    def __init__(self, n_clusters: int = 50, *, n_components: int | None = None):
         super().__init__()
-        if n_components < 1:
-            raise ValueError(f"n_components must be positive, got {n_components}")
-        self.K = n_components
+        if n_components is not None:
+            warnings.warn("VampPrior(n_components=...) is now VampPrior(n_clusters=...), as for "
+                          "the other priors; n_components= will be removed", FutureWarning,
+                          stacklevel=2)
+            n_clusters = n_components
+        if n_clusters < 1:
+            raise ValueError(f"n_clusters must be positive, got {n_clusters}")
+        self.K = n_clusters
         self.register_buffer("initialized", torch.tensor(False))
 
     def config(self) -> dict[str, Any]:
-        return {"n_components": self.K}
+        return {"n_clusters": self.K}
 
     def setup(self, n_latent: int, encoder: Encoder) -> None:
         first = self.n_latent is None
@@ -455,6 +480,56 @@ def kmeans_labels(points: np.ndarray, k: int) -> np.ndarray:
     return KMeans(k, n_init=10, random_state=0).fit_predict(points)
 
 
+def knn_connectivities(points: np.ndarray, n_neighbors: int = 15):
+    """The kNN graph of ``points`` weighted as ``sc.pp.neighbors`` weights it (UMAP's fuzzy
+    simplicial set, Euclidean, exact neighbours, the point itself counted among its
+    ``n_neighbors``), as a symmetric CSR matrix.
+
+    Written with numpy and scikit-learn: scanpy's version compiles UMAP's numba kernels on
+    first use, 5-35 s of a first ``set_prior("gmm", adata)``.
+    """
+    import scipy.sparse as sp
+    from sklearn.neighbors import NearestNeighbors
+
+    points = np.asarray(points, dtype=np.float32)
+    n = len(points)
+    k = min(n_neighbors, n)
+    dists, idx = NearestNeighbors(n_neighbors=k).fit(points).kneighbors(points)
+    dists = dists.astype(np.float32)
+    # umap.umap_.smooth_knn_dist with local_connectivity=1, bandwidth=1
+    rho = np.array([row[row > 0][0] if (row > 0).any() else 0.0 for row in dists], dtype=np.float32)
+    target = np.log2(k)
+    lo, hi, mid = np.zeros(n), np.full(n, np.inf), np.ones(n)
+    done = np.zeros(n, dtype=bool)
+    gaps = dists[:, 1:].astype(np.float64) - rho[:, None]
+    for _ in range(64):
+        psum = np.where(gaps > 0, np.exp(-np.clip(gaps, 0, None) / mid[:, None]), 1.0).sum(1)
+        done |= np.abs(psum - target) < 1e-5
+        above = (psum > target) & ~done
+        below = (psum <= target) & ~done
+        hi[above] = mid[above]
+        mid[above] = (lo[above] + hi[above]) / 2
+        lo[below] = mid[below]
+        grow = below & np.isinf(hi)
+        mid[grow] *= 2
+        mid[below & ~grow] = (lo[below & ~grow] + hi[below & ~grow]) / 2
+        if done.all():
+            break
+    sigma = mid.astype(np.float32)
+    floor = 1e-3 * np.where(rho > 0, dists.mean(1), dists.mean())
+    sigma = np.maximum(sigma, floor).astype(np.float32)
+    # umap.umap_.compute_membership_strengths
+    gap = dists - rho[:, None]
+    weights = np.where(gap <= 0, 1.0, np.exp(-gap / sigma[:, None])).astype(np.float32)
+    weights[idx == np.arange(n)[:, None]] = 0.0
+    a = sp.csr_matrix((weights.ravel(), (np.repeat(np.arange(n), k), idx.ravel())), shape=(n, n))
+    a.eliminate_zeros()
+    t = a.T.tocsr()
+    out = (a + t - a.multiply(t)).tocsr()
+    out.eliminate_zeros()
+    return out
+
+
 def leiden_labels(points: np.ndarray, k: int, *, n_neighbors: int = 15) -> np.ndarray:
     """Leiden labels of ``points`` with exactly ``k`` clusters: the resolution is searched
     by bisection for ``k``; where no resolution gives exactly ``k``, the closest partition
@@ -464,13 +539,12 @@ def leiden_labels(points: np.ndarray, k: int, *, n_neighbors: int = 15) -> np.nd
     import pandas as pd
     import scanpy as sc
 
-    light = ad.AnnData(obs=pd.DataFrame(index=[str(i) for i in range(len(points))]),
-                       obsm={"X": points.astype(np.float32)})
-    sc.pp.neighbors(light, use_rep="X", n_neighbors=min(n_neighbors, len(points) - 1), random_state=0)
+    light = ad.AnnData(obs=pd.DataFrame(index=[str(i) for i in range(len(points))]))
+    graph = knn_connectivities(points, min(n_neighbors, len(points) - 1))
 
     def partition(resolution: float) -> np.ndarray:
         sc.tl.leiden(light, resolution=resolution, key_added="leiden", flavor="igraph",
-                     n_iterations=2, directed=False, random_state=0)
+                     n_iterations=2, directed=False, random_state=0, adjacency=graph)
         return light.obs["leiden"].astype(int).to_numpy()
 
     lo, hi, best = 1e-3, 20.0, None
@@ -506,9 +580,59 @@ PRIORS: dict[str, type[Prior]] = {
     "vamp": VampPrior,
 }
 
+P = TypeVar("P", bound=type[Prior])
+
+
+def register_prior(name: str | None = None, *, overwrite: bool = False) -> Callable[[P], P]:
+    """Add a prior class to :data:`PRIORS` (class decorator), so that it is chosen by name
+    (``pyrovae.fit(adata, prior=name)``, ``model.set_prior(name, adata)``) and a model
+    with it saves and loads (:func:`pyrovae.load` rebuilds it from its name and
+    :meth:`Prior.config`)::
+
+        @register_prior("student_t")
+        class StudentT(Prior):
+            name = "student_t"
+
+            def model(self, n_latent):
+                return pyro.sample("z", dist.StudentT(3.0, self._zero, 1.0)
+                                   .expand([n_latent]).to_event(1))
+
+    Parameters
+    ----------
+    name
+        Registry key; the class's ``name`` attribute when None. The class's ``name`` is
+        set to it, since saved models record ``prior.name``.
+    overwrite
+        Replace a different class registered under ``name``. Registering the same class
+        again, or a class of the same module and qualified name (a notebook cell run
+        again), is always allowed.
+
+    Raises
+    ------
+    ValueError
+        ``name`` is taken by another prior and ``overwrite`` is False.
+    """
+
+    def decorator(cls: P) -> P:
+        if not (isinstance(cls, type) and issubclass(cls, Prior)):
+            raise TypeError(f"register_prior takes a subclass of pyrovae.priors.Prior, got {cls!r}")
+        key = name or cls.name
+        old = PRIORS.get(key)
+        if old is not None and not overwrite and not same_definition(old, cls):
+            raise ValueError(
+                f"a prior named {key!r} is already registered ({old.__module__}."
+                f"{old.__qualname__}); pass overwrite=True to replace it, or choose another name"
+            )
+        cls.name = key
+        PRIORS[key] = cls
+        return cls
+
+    return decorator
+
 
 def get_prior(prior: str | Prior, **options) -> Prior:
-    """A prior object from its name and options (an object passes through)."""
+    """A prior object from its name in :data:`PRIORS` and its constructor options (an
+    object passes through)."""
     if isinstance(prior, Prior):
         if options:
             raise ValueError("options are for priors given by name; configure the object instead")
@@ -516,5 +640,8 @@ def get_prior(prior: str | Prior, **options) -> Prior:
     try:
         cls = PRIORS[prior]
     except KeyError:
-        raise ValueError(f"unknown prior {prior!r}; choose one of {sorted(PRIORS)}") from None
+        raise ValueError(
+            f"unknown prior {prior!r}; choose one of {sorted(PRIORS)}, or register yours with "
+            "pyrovae.priors.register_prior"
+        ) from None
     return cls(**options)

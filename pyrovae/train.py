@@ -33,11 +33,11 @@ import numpy as np
 import pandas as pd
 import pyro
 import torch
-from tqdm.auto import tqdm
 
 from . import distributed
 from .data import CountData, Shard, on_device
 from .module import VAEModule
+from .progress import progress_bar
 
 __all__ = [
     "HISTORY_COLUMNS",
@@ -519,7 +519,7 @@ def _loop(module, data, plan, device, shard, max_epochs, warmup_done, state, res
             if device.type == "cuda" and mine.get("cuda") is not None:
                 torch.cuda.set_rng_state(mine["cuda"], device)
         prior_name = module.prior.name
-        bar = tqdm(
+        bar = progress_bar(
             range(state.epoch, max_epochs), desc="training", unit="epoch", initial=state.epoch,
             total=max_epochs, disable=not plan.progress or shard[0] != 0, mininterval=0.5,
         )

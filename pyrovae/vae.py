@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import contextlib
+import copy
 import os
+import warnings
 from dataclasses import asdict, replace
 from typing import Any, Hashable, Iterator, Literal, Sequence
 
@@ -18,9 +20,9 @@ from .data import CountData, CovariateSpec, check_genes, is_paths, open_h5ad, re
 from .inference import elbo_per_cell, marginal_log_likelihood, posterior_predictive
 from .likelihoods import Likelihood, get_likelihood
 from .module import Covariates, Dispersion, LibrarySize, VAEModule
-from .nn import Architecture
+from .nn import Architecture, PyroFunction
 from .priors import Prior, get_prior
-from .train import HISTORY_COLUMNS, TrainingPlan, TrainingState, resolve_device, seeded, train
+from .train import HISTORY_COLUMNS, TrainingPlan, TrainingState, model_args, resolve_device, seeded, train
 
 __all__ = ["VAE", "load"]
 
@@ -118,18 +120,39 @@ class VAE:
         return self.module.model.prior
 
     def set_prior(self, prior: str | Prior, adata: ad.AnnData | None = None, **options) -> "VAE":
-        """Swap the prior, keeping the encoder and decoder weights; returns ``self``.
+        """Swap the prior **in place**, keeping the encoder and decoder weights.
 
-        With ``adata``, the new prior initialises itself from the current posterior means
-        of its cells (a mixture clusters them, by Leiden unless told ``init="kmeans"``); without, it
-        does so when training resumes. Then continue with :meth:`train`::
+        This changes this model: the old prior is gone, and the returned object is
+        ``self`` (so ``gmm = model.set_prior("gmm", adata)`` leaves ``gmm is model``). To
+        keep the model as it is and get a second one with the new prior, use
+        :meth:`with_prior`.
 
-            model.set_prior("gmm", adata, n_clusters=10)
-            model.train(adata, max_epochs=100)
+        Parameters
+        ----------
+        prior
+            A name from :data:`pyrovae.priors.PRIORS` (see
+            :func:`pyrovae.priors.register_prior`) or a :class:`~pyrovae.priors.Prior`.
+        adata
+            With it, the new prior initialises itself from the current posterior means of
+            its cells (a mixture clusters them, by Leiden unless told ``init="kmeans"``);
+            without, it does so when training resumes.
+        **options
+            Constructor arguments of the prior given by name, e.g. ``n_clusters=10``.
+
+        Returns
+        -------
+        VAE
+            ``self``, changed. Continue with :meth:`train` and write the new results into
+            the AnnData with :meth:`annotate`::
+
+                model.set_prior("gmm", adata, n_clusters=10)
+                model.train(adata, max_epochs=100)
+                model.annotate(adata)
         """
         new = get_prior(prior, **options)
         module = self.module
-        if adata is not None:
+        latent = x = None
+        if adata is not None and hasattr(new, "initialized"):
             data = self._read(adata)
             with self._inference(seed=0):
                 pick = np.sort(np.random.default_rng(0).choice(
@@ -139,9 +162,106 @@ class VAE:
                 latent = self.prior.latent_mean(module.guide.encoder, x)
         with seeded(self.seed, torch.device("cpu")):  # its networks' initial weights
             module.set_prior(new)
-        if adata is not None and hasattr(new, "initialized"):
+        if latent is not None:
             new.initialize(latent, x)
         return self
+
+    def with_prior(self, prior: str | Prior, adata: ad.AnnData | None = None, **options) -> "VAE":
+        """A copy of this model with another prior; this model is left exactly as it is.
+
+        The copy has this model's trained encoder and decoder weights, history and
+        training plan, and the new prior (initialised as by :meth:`set_prior`). Train it
+        to adapt the networks to the prior, and keep both side by side::
+
+            gmm = model.with_prior("gmm", adata, n_clusters=10).train(adata, max_epochs=100)
+            gmm.elbo(held_out)["elbo"].mean() - model.elbo(held_out)["elbo"].mean()
+
+        Parameters
+        ----------
+        prior, adata, **options
+            As for :meth:`set_prior`.
+
+        Returns
+        -------
+        VAE
+            A new, independent model (no parameter is shared with this one).
+        """
+        twin = copy.deepcopy(self)
+        return twin.set_prior(prior, adata, **options)
+
+    # ------------------------------------------------------------------ Pyro pieces
+    @property
+    def model(self) -> PyroFunction:
+        """The generative model as a Pyro callable, for Pyro's own tools.
+
+        ``model.model(*model.model_args(adata))`` runs ``p(z) p(x | z, l, s)`` for those
+        cells (see :mod:`pyrovae.module` for the arguments); its sites are ``"z"`` (and
+        ``"y"`` for a mixture, ``"l"`` for a latent library) and the observed ``"x"``.
+        Every trainable parameter shows as a ``param`` site (named e.g.
+        ``"model.decoder.heads.log_rho.weight"``), so ``poutine.trace``,
+        ``pyro.render_model(model.model, model_args=args, render_params=True)`` and
+        ``pyro.infer.SVI`` with a ``pyro.optim`` optimiser see this model's own
+        parameters; Pyro's global parameter store is not used.
+
+        With ``x`` replaced by None the model is unconditioned and generates counts::
+
+            args = model.model_args(adata, indices=range(100))
+            prior_draws = pyro.infer.Predictive(model.model, num_samples=5)(None, *args[1:])
+            prior_draws["x"].shape                              # (5, 100, genes)
+            z = pyro.infer.Predictive(model.guide, num_samples=5, return_sites=["z"])(*args)
+            replicated = pyro.infer.Predictive(model.model, posterior_samples=z)(None, *args[1:])
+
+        The networks are used in whatever mode they are in: a fitted model is in
+        evaluation mode (no dropout, batch norm from its running statistics); call
+        ``model.module.train()`` before training it with your own loop. Train a mixture
+        with ``model.prior.elbo()``, its estimator (``TraceEnum_ELBO`` when ``y`` is
+        enumerated); :meth:`train` is the tested way.
+        """
+        return PyroFunction(self.module.model, [("model", self.module.model)])
+
+    @property
+    def guide(self) -> PyroFunction:
+        """The amortised guide ``q(z | x, s)`` (and ``q(y | x)``, ``q(l | x, s)`` where the
+        model has them) as a Pyro callable, taking the same arguments as :attr:`model`.
+
+        Its ``param`` sites are the encoders' parameters and those of the prior that the
+        guide uses (a mixture's classifier and offsets, named ``"model.prior.*"`` as in
+        the model).
+        """
+        module = self.module
+        return PyroFunction(module.guide, [("guide", module.guide), ("model.prior", module.prior)])
+
+    def model_args(self, adata: ad.AnnData, indices: Sequence[int] | np.ndarray | None = None) -> tuple:
+        """The arguments of :attr:`model` and :attr:`guide` for some cells of ``adata``.
+
+        Parameters
+        ----------
+        adata
+            Cells with this model's genes (read from the model's ``layer``, with its
+            covariates encoded as in training).
+        indices
+            Integer positions of the cells in ``adata``; all cells when None.
+
+        Returns
+        -------
+        tuple
+            ``(x, library, covariates, batch, label, index, n_obs)`` as tensors on the
+            model's device (``covariates`` None without covariates): the counts, the
+            cells' total counts, covariates, batch and label codes, the cells' positions
+            ``index`` and ``n_obs = adata.n_obs``. The model's ``cells`` plate scales a
+            subset to the whole data set, as a minibatch in training. Pass ``None`` in
+            place of ``x`` to the model to leave it unconditioned.
+        """
+        data = self._read(adata)
+        if indices is None:
+            index = np.arange(data.n_obs)
+        else:
+            index = np.asarray(indices)
+            if index.ndim != 1 or not np.issubdtype(index.dtype, np.integer):
+                raise TypeError("indices must be a 1-d sequence of integer positions")
+            if len(index) and (index.min() < 0 or index.max() >= data.n_obs):
+                raise IndexError(f"indices must lie in 0..{data.n_obs - 1}")
+        return model_args(data.minibatch(index, self.device), index, data.n_obs)
 
     def _require_clusters(self) -> None:
         if self.prior.n_clusters is None:
@@ -531,6 +651,51 @@ class VAE:
                 out["best_validation_elbo"] = float(best.max())
         return {k: v for k, v in out.items() if v is not None}
 
+    def annotate(self, adata: ad.AnnData, *, key_added: str = "X_pyrovae") -> None:
+        """Write this model's results for ``adata`` into it, as :func:`pyrovae.fit` does,
+        for the model as it is now (after :meth:`set_prior` and :meth:`train`, say).
+
+        Writes ``adata.obsm[key_added]`` (the posterior mean of each cell) and
+        ``adata.uns["pyrovae"]`` (``settings`` and per-epoch ``history``, replacing any
+        earlier entry). A prior with clusters also writes ``adata.obs["pyrovae_cluster"]``
+        (``argmax_k q(y = k | x)``, categorical), ``adata.obsm["pyrovae_cluster_probs"]``
+        and (for a Gaussian mixture) the component means in
+        ``adata.uns["pyrovae"]["component_means"]``. Everything is computed before
+        anything is written: on an error ``adata`` is unchanged. Nothing else in ``adata``
+        changes.
+
+        Parameters
+        ----------
+        adata
+            An AnnData (in memory or ``backed="r"``) with this model's genes.
+        key_added
+            Key of the latent means in ``adata.obsm``.
+        """
+        if not isinstance(adata, ad.AnnData):
+            raise TypeError(
+                f"annotate writes into an AnnData, got {type(adata).__name__}; for .h5ad "
+                "files use the model's methods (get_latent, get_clusters) instead"
+            )
+        latent = self.get_latent(adata)
+        record: dict[str, Any] = {
+            "settings": {**self.settings(), "obsm_key": key_added, "n_cells": adata.n_obs},
+            "history": {k: self.history[k].to_numpy() for k in self.history.columns},
+        }
+        probs = None
+        if self.prior.n_clusters is not None:
+            probs = self.get_cluster_probs(adata)
+            locs = getattr(self.prior, "locs", None)
+            if isinstance(locs, torch.Tensor):
+                record["component_means"] = locs.detach().cpu().numpy()
+        adata.obsm[key_added] = latent
+        if probs is not None:
+            K = probs.shape[1]
+            adata.obsm["pyrovae_cluster_probs"] = probs
+            adata.obs["pyrovae_cluster"] = pd.Categorical(
+                probs.argmax(1).astype(str), categories=[str(k) for k in range(K)]
+            )
+        adata.uns["pyrovae"] = record
+
     # ------------------------------------------------------------------ persistence
     def save(self, path: str | os.PathLike) -> None:
         """Write the weights, settings, genes and history to one file (a torch archive)."""
@@ -582,9 +747,8 @@ class VAE:
     @staticmethod
     def _args(minibatch: tuple) -> tuple:
         """Model and guide arguments for a whole batch (no minibatch scaling)."""
-        x, covariates, batch, label = minibatch
-        index = torch.arange(len(x), device=x.device)
-        return x, x.sum(-1, keepdim=True), covariates, batch, label, index, len(x)
+        n = len(minibatch[0])
+        return model_args(minibatch, np.arange(n), n)
 
 
 def load(path: str | os.PathLike, adata: ad.AnnData | None = None, *,
@@ -597,10 +761,13 @@ def load(path: str | os.PathLike, adata: ad.AnnData | None = None, *,
     if not isinstance(state, dict) or state.get("format") != _FORMAT:
         raise ValueError(f"{os.fspath(path)!r} is not a model saved by pyrovae")
     arch = state["architecture"]
+    with warnings.catch_warnings():  # a file saved under an old argument name is not the user's to fix
+        warnings.simplefilter("ignore", FutureWarning)
+        prior = get_prior(state["prior"], **state["prior_config"])
     model = VAE(
         state["var_names"],
         likelihood=state["likelihood"],
-        prior=get_prior(state["prior"], **state["prior_config"]),
+        prior=prior,
         architecture=Architecture(**{**arch, "n_hidden": tuple(arch["n_hidden"])}),
         layer=state["layer"],
         covariates=CovariateSpec(**state["covariates"]),

@@ -153,7 +153,7 @@ def test_batch_corrected_differential_expression(quick):
 def test_volcano(planted, tmp_path):
     adata, model = planted
     table = model.differential_expression(adata, "condition", "B", "A", n_samples=3)
-    ax = pyrovae.plotting.volcano(table, n_labels=5, path=tmp_path / "volcano.png")
+    ax = pyrovae.plotting.volcano(table, n_labels=5, path=tmp_path / "volcano.png").axes[0]
     points = sum(len(c.get_offsets()) for c in ax.collections)
     assert points == len(table)
     called = ((table["bayes_factor"] > 3) & (table["lfc_mean"].abs() > 0.25)).sum()
