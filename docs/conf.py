@@ -112,4 +112,5 @@ nb_execution_cache_path = str(HERE / "_build" / ".jupyter_cache")
 # -- HTML ---------------------------------------------------------------------------------
 html_theme = "furo"
 html_title = f"pyrovae {release}"
-html_static_path: list[str] = []
+html_static_path = ["_static"]
+html_css_files = ["dataframes.css"]
