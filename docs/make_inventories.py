@@ -6,7 +6,9 @@
 The documentation build runs offline (CI and the project's machines reach only PyPI), so
 ``docs/conf.py`` points intersphinx at these committed files instead of downloading each
 project's ``objects.inv``; the links still go to the projects' real documentation. Each
-inventory holds only the names the site references, in the table ``NAMES`` below.
+inventory holds only the names the site references, in the table ``NAMES`` below (type
+hints in signatures point to a class's defining module, e.g.
+``anndata._core.anndata.AnnData``, so those names are listed too).
 
 To refresh them (a project moved a page, or the docs reference a new name): add or fix the
 entry in ``NAMES``, run this script, and commit ``docs/_inventories/``. Where the network is
@@ -31,6 +33,9 @@ OUT = HERE / "_inventories"
 NAMES: dict[str, tuple[str, str, dict[tuple[str, str], str]]] = {
     "anndata": ("https://anndata.readthedocs.io/en/stable/", "0.12", {
         ("py:class", "anndata.AnnData"): "generated/anndata.AnnData.html#anndata.AnnData",
+        # where autodoc's type hints point (the class's defining module)
+        ("py:class", "anndata._core.anndata.AnnData"):
+            "generated/anndata.AnnData.html#anndata.AnnData",
         ("py:function", "anndata.io.read_h5ad"):
             "generated/anndata.io.read_h5ad.html#anndata.io.read_h5ad",
     }),
@@ -72,6 +77,10 @@ NAMES: dict[str, tuple[str, str, dict[tuple[str, str], str]]] = {
     "pandas": ("https://pandas.pydata.org/docs/", "2", {
         ("py:class", "pandas.DataFrame"):
             "reference/api/pandas.DataFrame.html#pandas.DataFrame",
+        ("py:class", "pandas.core.frame.DataFrame"):  # type hints' target
+            "reference/api/pandas.DataFrame.html#pandas.DataFrame",
+        ("py:class", "pandas.core.series.Series"):
+            "reference/api/pandas.Series.html#pandas.Series",
     }),
 }
 
