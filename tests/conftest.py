@@ -38,3 +38,12 @@ def continuous_version(adata, kind):
         X = X / X.max(0, keepdims=True)
     out.X = X.astype(np.float32)
     return out
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Every test starts at one torch thread: scanpy's neighbour search (the mixture's
+    Leiden start) raises the count, and results compared bit for bit with a one-thread
+    subprocess (the checkpoint tests) would then differ."""
+    torch.set_num_threads(1)
+    yield
