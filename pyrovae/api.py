@@ -188,6 +188,9 @@ def fit(
     total = max_epochs or default_max_epochs(len(obs))
     if pretrain_epochs is None:
         pretrain_epochs = min(kl_warmup_epochs, total // 2)
+    elif isinstance(pretrain_epochs, bool) or not isinstance(pretrain_epochs, (int, np.integer)) \
+            or pretrain_epochs < 0:
+        raise ValueError(f"pretrain_epochs must be a whole number >= 0 (or None), got {pretrain_epochs!r}")
     staged = (
         isinstance(prior, GaussianMixture) and prior.init in ("kmeans", "leiden")
         and not bool(prior.initialized) and 0 < pretrain_epochs < total

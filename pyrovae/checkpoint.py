@@ -13,14 +13,14 @@ A checkpoint is one torch archive (read with ``weights_only=True``) holding
 - ``run``: what the rest of the run is (a ``fit`` with its stage and outputs, or a
   ``train`` call), and ``world_size``.
 
-It is written to a temporary file in the same folder, flushed to disk and renamed over
-the old one, so that a crash or a kill mid-write leaves the previous checkpoint whole.
+It is written as a verified file (:mod:`pyrovae.files`: a header with its size and
+SHA-256, a temporary file in the same folder renamed over the old one), so that a crash or
+a kill mid-write leaves the previous checkpoint whole and a damaged one is refused.
 :func:`pyrovae.resume` reads it.
 """
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import os
 import tempfile
@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from . import __version__, distributed
+from . import __version__, distributed, files
 from .train import TrainingPlan, TrainingState
 
 if TYPE_CHECKING:
@@ -45,7 +45,7 @@ FORMAT = "pyrovae-checkpoint"
 FORMAT_VERSION = 1
 
 
-class CheckpointError(ValueError):
+class CheckpointError(files.FileFormatError):
     """A file is not a checkpoint pyrovae can read."""
 
 
@@ -54,12 +54,8 @@ class CheckpointMismatchError(ValueError):
 
 
 def check_folder(path: str | os.PathLike) -> None:
-    """Refuse, before any training, a checkpoint path whose folder cannot take it."""
-    folder = Path(path).resolve().parent
-    if not folder.is_dir():
-        raise ValueError(f"checkpoint={os.fspath(path)!r}: the folder {folder} does not exist")
-    if not os.access(folder, os.W_OK):
-        raise ValueError(f"checkpoint={os.fspath(path)!r}: the folder {folder} is not writable")
+    """Refuse, before any training, a checkpoint path that cannot be written."""
+    files.check_writable(path, "checkpoint")
 
 
 def fingerprint(data: CountData) -> dict[str, Any]:
@@ -102,47 +98,25 @@ def payload(model: VAE, plan: TrainingPlan, state: TrainingState, data: dict[str
 
 
 def write(path: str | os.PathLike, content: dict) -> None:
-    """``content`` to ``path`` atomically: a temporary file in the same folder, flushed
-    and synced, then renamed (only rank 0 writes under ``torchrun``)."""
+    """``content`` to ``path`` atomically and with its SHA-256
+    (:func:`pyrovae.files.write_verified`; only rank 0 writes under ``torchrun``)."""
     if distributed.rank_and_size()[0] != 0:
         return
-    path = Path(path)
-    folder = path.resolve().parent
-    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=folder)
-    try:
-        with os.fdopen(handle, "wb") as f:
-            torch.save(content, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(temporary)
-        raise
-    with contextlib.suppress(OSError):  # the rename itself survives a power cut once the folder is synced
-        descriptor = os.open(folder, os.O_RDONLY)
-        try:
-            os.fsync(descriptor)
-        finally:
-            os.close(descriptor)
+    files.write_verified(path, content, format=FORMAT, format_version=FORMAT_VERSION)
 
 
 def read(path: str | os.PathLike) -> dict:
-    """A checkpoint's content; :class:`CheckpointError` for anything that is not one."""
-    name = os.fspath(path)
-    if not os.path.isfile(name):
-        raise CheckpointError(f"checkpoint {name!r} does not exist")
-    try:
-        content = torch.load(name, map_location="cpu", weights_only=True)
-    except Exception as err:  # truncated, empty, text, another archive
-        raise CheckpointError(
-            f"{name!r} is not a readable pyrovae checkpoint ({type(err).__name__}: {err})"
-        ) from None
-    if not isinstance(content, dict) or content.get("format") != FORMAT:
-        raise CheckpointError(f"{name!r} is not a pyrovae checkpoint")
+    """A checkpoint's content, verified whole; :class:`CheckpointError` for anything that
+    is not a whole checkpoint."""
+    content = files.read_verified(
+        path, format=FORMAT, format_version=FORMAT_VERSION, what="checkpoint",
+        error=CheckpointError, others={files.MODEL_FORMAT: ": load it with pyrovae.load"},
+    )
+    if content.get("format") != FORMAT:  # a bare torch archive of something else
+        raise CheckpointError(f"{os.fspath(path)!r} is not a pyrovae checkpoint")
     if content.get("format_version", 0) > FORMAT_VERSION:
         raise CheckpointError(
-            f"{name!r} was written by a newer pyrovae (checkpoint format "
+            f"{os.fspath(path)!r} was written by a newer pyrovae (checkpoint format "
             f"{content['format_version']}, this one reads up to {FORMAT_VERSION}); upgrade pyrovae"
         )
     return content

@@ -50,15 +50,45 @@ def main(argv: list[str] | None = None) -> int:
         run_demo(args.out, max_epochs=args.max_epochs, seed=args.seed, progress=not args.quiet)
         return 0
 
+    try:
+        return _fit(args)
+    except UsageError as err:
+        print(f"pyrovae fit: {err}", file=sys.stderr)
+        return 2
+
+
+class UsageError(Exception):
+    """A user error in ``pyrovae fit``: reported in one line, exit code 2."""
+
+
+def _fit(args: argparse.Namespace) -> int:
+    """``pyrovae fit``: every check (options, output paths, the input file) before training."""
     import anndata as ad
 
     from .api import fit
     from .data import InvalidDataError
+    from .files import check_writable
+    from .train import TrainingPlan
 
-    if not args.input.exists():
-        print(f"pyrovae: {args.input} does not exist", file=sys.stderr)
-        return 2
-    adata = ad.read_h5ad(args.input)
+    try:  # the options, as fit would check them, before reading anything
+        TrainingPlan(max_epochs=args.max_epochs, batch_size=args.batch_size, seed=args.seed,
+                     device=args.device, checkpoint_every=args.checkpoint_every)
+        if args.n_latent < 1 or min(args.n_hidden) < 1:
+            raise ValueError("--n-latent and --n-hidden must be at least 1")
+        for option, path in (("--output", args.output), ("--model", args.model),
+                             ("--checkpoint", args.checkpoint)):
+            if path is not None:
+                check_writable(path, option)
+    except ValueError as err:
+        raise UsageError(str(err).replace("_", "-") if "must" in str(err) else str(err)) from None
+    if not args.input.is_file():
+        raise UsageError(f"{args.input} does not exist" if not args.input.exists()
+                         else f"{args.input} is not a file")
+    try:
+        adata = ad.read_h5ad(args.input)
+    except Exception as err:  # not HDF5, truncated, not an AnnData
+        raise UsageError(f"{args.input} is not a readable .h5ad file "
+                         f"({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''})") from None
     try:
         model = fit(
             adata, args.likelihood, layer=args.layer, n_latent=args.n_latent,
@@ -66,20 +96,36 @@ def main(argv: list[str] | None = None) -> int:
             seed=args.seed, device=args.device, progress=not args.quiet,
             checkpoint=args.checkpoint, checkpoint_every=args.checkpoint_every,
         )
-    except InvalidDataError as err:
-        print(f"pyrovae: {args.input}: {err}", file=sys.stderr)
-        return 2
+    except (InvalidDataError, ValueError) as err:
+        raise UsageError(f"{args.input}: {err}") from None
     from .distributed import rank_and_size
 
     if rank_and_size()[0] != 0:  # under torchrun: every rank trained, rank 0 writes
         return 0
-    adata.write_h5ad(args.output)
+    _write_h5ad(adata, args.output)
     if args.model:
         model.save(args.model)
     best = model.settings().get("best_validation_elbo")
     print(f"wrote {args.output} ({model!r}"
           + (f", best validation ELBO {best:.1f}" if best is not None else "") + ")")
     return 0
+
+
+def _write_h5ad(adata, path: Path) -> None:
+    """Write to a temporary file beside ``path`` and rename it: whole or not at all."""
+    import os
+    import tempfile
+
+    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".h5ad",
+                                         dir=path.resolve().parent)
+    os.close(handle)
+    try:
+        adata.write_h5ad(temporary)
+        os.replace(temporary, path)
+    except BaseException:
+        if os.path.exists(temporary):
+            os.unlink(temporary)
+        raise
 
 
 if __name__ == "__main__":

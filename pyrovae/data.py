@@ -7,6 +7,7 @@ AnnData or changes their matrix: conversions make copies.
 from __future__ import annotations
 
 import math
+import warnings
 import os
 from dataclasses import dataclass
 from typing import Iterator, Literal, Sequence
@@ -217,7 +218,9 @@ def near_equal_batches(index: np.ndarray, batch_size: int, rng: np.random.Genera
     rank, size = shard
     if rng is not None:
         index = rng.permutation(index)
-    n_batches = max(1, math.ceil(len(index) / (batch_size * size))) * size
+    # as many batches as batch_size asks for, but never so many that one has a single cell
+    wanted = math.ceil(len(index) / (batch_size * size))
+    n_batches = max(1, min(wanted, len(index) // (2 * size))) * size
     for chunk in np.array_split(index, n_batches)[rank::size]:
         yield np.sort(chunk)
 
@@ -514,8 +517,10 @@ def read_data(
                 + "; pass one of those names, or layer=None to use adata.X"
             )
         X = adata.layers[layer]
-    X = _as_float32(X, where)
+    X = _native(X, where)  # checked as given: a cast to float32 could hide 3.00000001 or 1e39
     _check_values(X, kind, where, adata.obs_names, adata.var_names)
+    _warn_inexact(X, kind, where, adata.obs_names, adata.var_names)
+    X = _as_float32(X, where)
     if kind == "counts":
         _check_not_empty(X, where, adata.obs_names, adata.var_names, genes=not allow_empty_genes)
     encoded = covariates.encode(adata.obs) if covariates is not None else None
@@ -548,6 +553,24 @@ def check_genes(var_names: Sequence[str], expected: Sequence[str]) -> None:
 def _examples(names, n: int = 3) -> str:
     shown = ", ".join(repr(str(v)) for v in list(names)[:n])
     return shown + (", ..." if len(names) > n else "")
+
+
+def _native(X, where: str) -> sp.csr_matrix | np.ndarray:
+    """CSR or a dense array in the dtype given (copying only when in another form)."""
+    if hasattr(X, "to_memory"):  # a backed sparse dataset
+        X = X.to_memory()
+    if sp.issparse(X):
+        X = X.tocsr()
+        if not (np.issubdtype(X.dtype, np.number) or X.dtype == bool):
+            raise InvalidDataError(f"{where} must be a numeric matrix, got dtype {X.dtype}")
+        return X
+    try:
+        X = np.asarray(X)
+    except Exception as err:  # e.g. a dask array that cannot be computed
+        raise InvalidDataError(f"{where} of type {type(X).__name__} is not supported") from err
+    if X.ndim != 2 or not (np.issubdtype(X.dtype, np.number) or X.dtype == bool):
+        raise InvalidDataError(f"{where} must be a numeric matrix, got dtype {X.dtype}")
+    return X
 
 
 def _as_float32(X, where: str) -> sp.csr_matrix | np.ndarray:
@@ -613,14 +636,36 @@ def _check_values(X, kind: DataKind, where: str, obs_names, var_names) -> None:
     elif kind == "unit_interval":
         checks.append(("outside [0, 1]", lambda v: (v < 0) | (v > 1),
                        "the continuous Bernoulli likelihood needs data scaled to [0, 1]"))
+    if values.dtype.kind in "fiu" and values.dtype.itemsize > 4 or values.dtype.kind == "u" \
+            and values.dtype.itemsize == 4:  # more range or precision than float32 has
+        checks.append(("out-of-float32-range", lambda v: np.abs(v) > _FLOAT32_MAX,
+                       "pyrovae computes in float32 (largest value about 3.4e38); rescale the data"))
     for label, bad, advice in checks:
         n, first = _first_bad(values, bad)
         if n:
             raise InvalidDataError(
                 f"{where} holds {n:,} {label} value{'s' if n > 1 else ''} "
-                f"(first: {float(values[first]):g} at {_position(X, first, obs_names, var_names)}); "
+                f"(first: {float(values[first]):.10g} at {_position(X, first, obs_names, var_names)}); "
                 + advice
             )
+
+
+_FLOAT32_MAX = float(np.finfo(np.float32).max)
+_EXACT_IN_FLOAT32 = 2 ** 24  # integers above this are rounded by the cast to float32
+
+
+def _warn_inexact(X, kind: DataKind, where: str, obs_names, var_names) -> None:
+    values = _values(X)
+    if kind != "counts" or values.dtype.itemsize <= 4 and values.dtype.kind != "u" \
+            or values.dtype.kind not in "fiu":
+        return
+    n, first = _first_bad(values, lambda v: v > _EXACT_IN_FLOAT32)
+    if n:
+        warnings.warn(
+            f"{where} holds {n:,} count{'s' if n > 1 else ''} above 2**24 (first: "
+            f"{float(values[first]):.0f} at {_position(X, first, obs_names, var_names)}), which "
+            "float32 cannot hold exactly: they are rounded to the nearest float32", UserWarning,
+            stacklevel=4)
 
 
 def _check_not_empty(X, where: str, obs_names, var_names, *, genes: bool) -> None:

@@ -128,6 +128,19 @@ class TrainingPlan:
     checkpoint_every: int = 10
 
     def __post_init__(self):
+        _require_int("max_epochs", self.max_epochs, optional=True)
+        for name in ("batch_size", "kl_warmup_epochs", "patience", "checkpoint_every", "seed"):
+            _require_int(name, getattr(self, name))
+        for name in ("lr", "weight_decay", "validation_fraction"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)) \
+                    or not math.isfinite(value):
+                raise ValueError(f"{name} must be a finite number, got {value!r}")
+        if self.seed < 0:
+            raise ValueError(f"seed must be a non-negative integer, got {self.seed}")
+        if not self.lr > 0:
+            raise ValueError(f"lr must be positive, got {self.lr}")
+        check_device(self.device)
         if self.max_epochs is not None and self.max_epochs < 1:
             raise ValueError(f"max_epochs must be at least 1, got {self.max_epochs}")
         if self.batch_size < 2:
@@ -146,6 +159,43 @@ class TrainingPlan:
             raise ValueError(f"checkpoint_every must be at least 1, got {self.checkpoint_every}")
         if self.checkpoint is not None:  # a plain string: the plan is written to .h5ad files
             object.__setattr__(self, "checkpoint", os.fspath(self.checkpoint))
+
+
+def user_stacklevel() -> int:
+    """The ``stacklevel`` that points a warning at the first caller outside pyrovae."""
+    import sys
+
+    package = os.path.dirname(os.path.abspath(__file__))
+    frame, level = sys._getframe(1), 1
+    while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(package + os.sep):
+        frame, level = frame.f_back, level + 1
+    return level
+
+
+def _require_int(name: str, value, *, optional: bool = False) -> None:
+    """Refuse, in pyrovae's words, a setting that must be a whole number."""
+    if value is None and optional:
+        return
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        kind = "None" if value is None else f"{value!r} ({type(value).__name__})"
+        raise ValueError(f"{name} must be a whole number{' or None' if optional else ''}, got {kind}")
+
+
+_DEVICE_TYPES = ("cpu", "cuda", "mps")
+
+
+def check_device(device) -> None:
+    """Refuse a device name torch cannot use here, before any work."""
+    text = str(device)
+    if text == "auto":
+        return
+    try:
+        kind = torch.device(text).type
+    except (RuntimeError, TypeError):
+        kind = None
+    if kind not in _DEVICE_TYPES:
+        raise ValueError(f"device={device!r} is not a device pyrovae trains on: use 'auto', 'cpu', "
+                         "'cuda' or 'cuda:N' (a GPU), or 'mps' (Apple silicon)")
 
 
 class TrainingDivergedError(RuntimeError):
@@ -475,7 +525,7 @@ def train(
         saved = (f"; {plan.checkpoint} holds epoch {progress['saved']}, which "
                  "pyrovae.resume() continues from" if progress.get("saved") else "")
         warnings.warn(f"{label} interrupted in {where}; {kept}{saved}{interrupt_note}",
-                      TrainingInterruptedWarning, stacklevel=2)
+                      TrainingInterruptedWarning, stacklevel=user_stacklevel())
     else:
         if state.best_state is not None:
             module.load_state_dict(state.best_state)
@@ -487,7 +537,7 @@ def train(
             f"{label} ended at epoch {len(rows)} with the KL weight at {rows[-1][1]:.2f}, "
             f"before the end of its {plan.kl_warmup_epochs}-epoch warm-up: the objective was "
             "not yet the ELBO and early stopping never acted; train on (model.train continues "
-            "the warm-up) or lower kl_warmup_epochs", UnfinishedWarmupWarning, stacklevel=2,
+            "the warm-up) or lower kl_warmup_epochs", UnfinishedWarmupWarning, stacklevel=user_stacklevel(),
         )
     if state.finished and on_checkpoint is not None:
         on_checkpoint(state)

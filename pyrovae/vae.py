@@ -15,7 +15,7 @@ import pandas as pd
 import pyro
 import torch
 
-from . import __version__, checkpoint
+from . import __version__, checkpoint, files
 from .data import CountData, CovariateSpec, check_genes, is_paths, open_h5ad, read_data
 from .inference import elbo_per_cell, marginal_log_likelihood, posterior_predictive
 from .likelihoods import Likelihood, get_likelihood
@@ -26,7 +26,9 @@ from .train import HISTORY_COLUMNS, TrainingPlan, TrainingState, model_args, res
 
 __all__ = ["VAE", "load"]
 
-_FORMAT = "pyrovae-model"
+_FORMAT = files.MODEL_FORMAT
+_MODEL_KEYS = ("likelihood", "prior", "prior_config", "architecture", "layer", "covariates", "library",
+               "dispersion", "var_names", "history", "training_plan", "state_dict")
 
 
 class VAE:
@@ -698,8 +700,16 @@ class VAE:
 
     # ------------------------------------------------------------------ persistence
     def save(self, path: str | os.PathLike) -> None:
-        """Write the weights, settings, genes and history to one file (a torch archive)."""
-        torch.save(
+        """Write the weights, settings, genes and history to one verified file.
+
+        The file (:mod:`pyrovae.files`) carries a format version, its size and the SHA-256
+        of its content, and is written to a temporary file renamed into place: a crash
+        mid-write leaves any earlier file at ``path`` whole, and :func:`pyrovae.load`
+        refuses a damaged file by name instead of loading wrong weights.
+        """
+        files.check_writable(path, "path")
+        files.write_verified(
+            path,
             {
                 "format": _FORMAT,
                 "version": __version__,
@@ -711,12 +721,13 @@ class VAE:
                 "covariates": self.covariates.to_dict(),
                 "library": self.module.cov.library,
                 "dispersion": self.module.cov.dispersion,
-                "var_names": [str(v) for v in self.var_names],
+                "var_names": _plain_names(self.var_names),
                 "history": {k: self.history[k].to_list() for k in self.history.columns},
                 "training_plan": asdict(self.training_plan) if self.training_plan else None,
                 "state_dict": {k: v.detach().cpu() for k, v in self.module.state_dict().items()},
             },
-            path,
+            format=_FORMAT,
+            format_version=files.MODEL_FORMAT_VERSION,
         )
 
     # ------------------------------------------------------------------ helpers
@@ -751,15 +762,42 @@ class VAE:
         return model_args(minibatch, np.arange(n), n)
 
 
+def _plain_names(names) -> list:
+    """Gene names as saved: strings and integers keep their type (so a model fitted on
+    integer ``var_names`` loads back onto its own data); anything else as a string."""
+    return [v.item() if isinstance(v, np.generic) else v if isinstance(v, (str, int)) else str(v)
+            for v in names]
+
+
 def load(path: str | os.PathLike, adata: ad.AnnData | None = None, *,
          device: str = "cpu") -> VAE:
     """Load a model written by :meth:`VAE.save`.
 
     With ``adata``, check at once that its genes are the model's, in the same order.
+
+    Raises
+    ------
+    pyrovae.files.ModelFileError
+        Naming the file and what is wrong with it: missing, empty, not a pyrovae model
+        file (a text file, a checkpoint, another archive), truncated, corrupted (its
+        SHA-256 does not match), written by a newer pyrovae, or lacking a part.
     """
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    if not isinstance(state, dict) or state.get("format") != _FORMAT:
-        raise ValueError(f"{os.fspath(path)!r} is not a model saved by pyrovae")
+    name = os.fspath(path)
+    state = files.read_verified(
+        path, format=_FORMAT, format_version=files.MODEL_FORMAT_VERSION, what="model file",
+        error=files.ModelFileError,
+        others={checkpoint.FORMAT: ": continue the run with pyrovae.resume(path, adata)"},
+    )
+    if state.get("format") != _FORMAT:
+        raise files.ModelFileError(f"{name!r} is not a model saved by pyrovae")
+    with open(name, "rb") as f:
+        if not f.read(len(files.MAGIC)) == files.MAGIC:
+            warnings.warn(f"{name!r} was saved by an earlier pyrovae, before model files carried "
+                          "a checksum: loaded without verifying it; save it again to add one",
+                          UserWarning, stacklevel=2)
+    missing = [key for key in _MODEL_KEYS if key not in state]
+    if missing:
+        raise files.ModelFileError(f"model file {name!r} lacks {', '.join(map(repr, missing))}")
     arch = state["architecture"]
     with warnings.catch_warnings():  # a file saved under an old argument name is not the user's to fix
         warnings.simplefilter("ignore", FutureWarning)
@@ -774,7 +812,11 @@ def load(path: str | os.PathLike, adata: ad.AnnData | None = None, *,
         library=state["library"],
         dispersion=state["dispersion"],
     )
-    model.module.load_state_dict(state["state_dict"])
+    try:
+        model.module.load_state_dict(state["state_dict"])
+    except RuntimeError as err:  # weights that do not fit the settings stored beside them
+        raise files.ModelFileError(f"model file {name!r}: its weights do not match its settings "
+                                   f"({str(err).splitlines()[0]})") from None
     model.module.to(resolve_device(device)).eval()
     model.history = pd.DataFrame(state["history"], columns=model.history.columns)
     if state["training_plan"] is not None:

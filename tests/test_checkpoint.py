@@ -15,7 +15,7 @@ import pytest
 import torch
 
 import pyrovae
-from pyrovae import checkpoint
+from pyrovae import checkpoint, files
 from pyrovae.checkpoint import CheckpointError, CheckpointMismatchError
 from pyrovae.priors import GaussianMixture
 
@@ -131,7 +131,7 @@ def test_bad_checkpoint_files_are_named_errors(tmp_path, sim):
     with pytest.raises(CheckpointError, match="does not exist"):
         pyrovae.resume(tmp_path / "missing.ckpt", sim)
     (tmp_path / "text.ckpt").write_text("hello")
-    with pytest.raises(CheckpointError, match="not a readable pyrovae checkpoint"):
+    with pytest.raises(CheckpointError, match="not a checkpoint written by pyrovae: it is a text file"):
         pyrovae.resume(tmp_path / "text.ckpt", sim)
     torch.save({"a": 1}, tmp_path / "other.ckpt")
     with pytest.raises(CheckpointError, match="not a pyrovae checkpoint"):
@@ -153,7 +153,7 @@ def test_a_failed_write_keeps_the_previous_checkpoint(sim, tmp_path, monkeypatch
         f.write(b"half a checkpoint")
         raise OSError("disk full")
 
-    monkeypatch.setattr(checkpoint.torch, "save", broken)
+    monkeypatch.setattr(files.torch, "save", broken)
     with pytest.raises(OSError, match="disk full"):
         checkpoint.write(path, {"format": checkpoint.FORMAT, "n": 2})
     monkeypatch.undo()
@@ -182,3 +182,19 @@ def test_cli_writes_a_checkpoint_and_stops_cleanly_on_sigint(sim, tmp_path):
     assert written.obsm["X_pyrovae"].shape == (sim.n_obs, 10)
     assert np.isfinite(written.obsm["X_pyrovae"]).all()
     assert 1 <= len(written.uns["pyrovae"]["history"]["epoch"]) < 100000
+
+
+def test_a_damaged_checkpoint_is_refused_by_name(sim, tmp_path):
+    path = tmp_path / "run.ckpt"
+    pyrovae.fit(sim.copy(), "nb", max_epochs=2, kl_warmup_epochs=1, progress=False, checkpoint=path)
+    raw = path.read_bytes()
+    flipped = bytearray(raw)
+    flipped[len(raw) // 2] ^= 0x01
+    (tmp_path / "flipped.ckpt").write_bytes(bytes(flipped))
+    with pytest.raises(CheckpointError, match="flipped.ckpt.*corrupted"):
+        pyrovae.resume(tmp_path / "flipped.ckpt", sim)
+    (tmp_path / "cut.ckpt").write_bytes(raw[: len(raw) - 100])
+    with pytest.raises(CheckpointError, match="cut.ckpt.*truncated"):
+        pyrovae.resume(tmp_path / "cut.ckpt", sim)
+    with pytest.raises(files.ModelFileError, match="is a pyrovae-checkpoint file, not a pyrovae-model file.*resume"):
+        pyrovae.load(path)
