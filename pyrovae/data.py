@@ -563,6 +563,9 @@ def _native(X, where: str) -> sp.csr_matrix | np.ndarray:
         X = X.tocsr()
         if not (np.issubdtype(X.dtype, np.number) or X.dtype == bool):
             raise InvalidDataError(f"{where} must be a numeric matrix, got dtype {X.dtype}")
+        if not X.has_canonical_format:  # duplicate entries summed, as a count matrix means them
+            X = X.copy()
+            X.sum_duplicates()
         return X
     try:
         X = np.asarray(X)
@@ -575,22 +578,9 @@ def _native(X, where: str) -> sp.csr_matrix | np.ndarray:
 
 def _as_float32(X, where: str) -> sp.csr_matrix | np.ndarray:
     """CSR or dense float32, copying only when the input is in another form."""
-    if hasattr(X, "to_memory"):  # a backed sparse dataset
-        X = X.to_memory()
+    X = _native(X, where)
     if sp.issparse(X):
-        X = X.tocsr()
-        if X.dtype != np.float32:
-            X = X.astype(np.float32)
-        if not X.has_canonical_format:
-            X = X.copy()
-            X.sum_duplicates()
-        return X
-    try:
-        X = np.asarray(X)
-    except Exception as err:  # e.g. a dask array that cannot be computed
-        raise InvalidDataError(f"{where} of type {type(X).__name__} is not supported") from err
-    if X.ndim != 2 or not (np.issubdtype(X.dtype, np.number) or X.dtype == bool):
-        raise InvalidDataError(f"{where} must be a numeric matrix, got dtype {X.dtype}")
+        return X.astype(np.float32) if X.dtype != np.float32 else X
     return np.ascontiguousarray(X, dtype=np.float32)
 
 

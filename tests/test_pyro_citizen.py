@@ -18,6 +18,7 @@ from pyro import poutine
 from pyro.infer import SVI, Predictive, Trace_ELBO
 
 import pyrovae
+from pyrovae import files
 from pyrovae.likelihoods import LIKELIHOODS, NegativeBinomial2, get_likelihood, register_likelihood
 from pyrovae.priors import PRIORS, GaussianMixture, Prior, VampPrior, register_prior
 
@@ -260,9 +261,10 @@ def test_one_name_for_the_number_of_components(small, quick):
 def test_old_saved_vamp_loads_without_warning(small, quick, tmp_path):
     model = pyrovae.fit(small, "nb", prior="vamp", n_clusters=5, **quick)
     model.save(tmp_path / "m.pt")
-    state = torch.load(tmp_path / "m.pt", weights_only=True)
+    kind = dict(format=files.MODEL_FORMAT, format_version=files.MODEL_FORMAT_VERSION)
+    state = files.read_verified(tmp_path / "m.pt", **kind)
     state["prior_config"] = {"n_components": 5}  # as saved before the rename
-    torch.save(state, tmp_path / "old.pt")
+    files.write_verified(tmp_path / "old.pt", state, **kind)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert pyrovae.load(tmp_path / "old.pt").prior.K == 5
