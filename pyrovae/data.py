@@ -388,14 +388,16 @@ class BackedData(_Cells):
     def totals(self) -> np.ndarray:
         return self._totals
 
-    def block(self, start: int, stop: int) -> sp.csr_matrix:
-        """Rows ``start:stop`` (across files) as one float32 CSR matrix."""
+    def block(self, start: int, stop: int, *, native: bool = False) -> sp.csr_matrix:
+        """Rows ``start:stop`` (across files) as one float32 CSR matrix (in the files'
+        own dtype with ``native``, as the checks read it)."""
+        convert = _native if native else _as_float32
         pieces = []
         for f, part in enumerate(self.parts):
             lo, hi = max(start, self.offsets[f]), min(stop, self.offsets[f + 1])
             if lo < hi:
                 piece = part.X[lo - self.offsets[f]: hi - self.offsets[f]]
-                pieces.append(sp.csr_matrix(_as_float32(piece, f"rows of file {f}")))
+                pieces.append(sp.csr_matrix(convert(piece, f"rows of file {f}")))
         return pieces[0] if len(pieces) == 1 else sp.vstack(pieces, format="csr")
 
     def rows(self, index: np.ndarray) -> np.ndarray:
@@ -434,9 +436,10 @@ class BackedData(_Cells):
         gene_totals = np.zeros(self.n_vars)
         for start in range(0, self.n_obs, self.chunk_size):
             stop = min(start + self.chunk_size, self.n_obs)
-            chunk = self.block(start, stop)
+            chunk = self.block(start, stop, native=True)  # checked before the float32 cast
             where = f"X (cells {start}..{stop - 1})"
             _check_values(chunk, kind, where, self.obs_names[start:stop], self.var_names)
+            _warn_inexact(chunk, kind, where, self.obs_names[start:stop], self.var_names)
             totals[start:stop] = np.asarray(chunk.sum(axis=1)).ravel()
             gene_totals += np.asarray(chunk.sum(axis=0)).ravel()
         if kind == "counts":

@@ -121,3 +121,13 @@ def test_cli_checks_every_path_and_option_before_training(sim, tmp_path):
         assert pytest.importorskip("re").search(message, lines[0]), (message, lines[0])
     assert not (tmp_path / "o.h5ad").exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["broken.h5ad", "in.h5ad", "one.h5ad"]
+
+
+def test_streamed_files_are_checked_before_the_float32_cast(sim, tmp_path):
+    dense = sim.X.toarray().astype(np.float64)
+    dense[7, 2] = 3.00000001
+    adata = sim.copy()
+    adata.X = sp.csr_matrix(dense)
+    adata.write_h5ad(tmp_path / "near.h5ad")
+    with pytest.raises(InvalidDataError, match=r"non-integer value \(first: 3.00000001"):
+        pyrovae.fit(tmp_path / "near.h5ad", "nb", max_epochs=1, progress=False)
