@@ -50,6 +50,26 @@ napoleon_use_param = True
 
 
 
+#: the submodules with a page in the API reference (docs/api/index.md lists the same)
+MODULES = ("priors", "likelihoods", "criticism", "metrics", "plotting", "de", "imputation",
+           "datasets", "testing", "checkpoint", "train", "nn", "module", "progress")
+
+
+def _top_level() -> dict[str, list[str]]:
+    """Per module, the names of its ``__all__`` that ``pyrovae`` exports as the same
+    object (``TrainingPlan`` of ``pyrovae.train``, say): their entry is the top-level one."""
+    import importlib
+
+    found = {}
+    for name in MODULES:
+        module = importlib.import_module(f"pyrovae.{name}")
+        found[module.__name__] = [
+            member for member in getattr(module, "__all__", [])
+            if member in pyrovae.__all__ and getattr(pyrovae, member) is getattr(module, member)
+        ]
+    return found
+
+
 def _module_data() -> dict[str, list[tuple[str, str]]]:
     """Public data (names in a module's ``__all__`` that are neither functions, classes nor
     modules) per module, described from their values; autosummary's module template lists
@@ -58,8 +78,7 @@ def _module_data() -> dict[str, list[tuple[str, str]]]:
     import inspect
 
     found = {}
-    for name in ("priors", "likelihoods", "criticism", "metrics", "plotting", "de",
-                 "imputation", "datasets"):
+    for name in MODULES:
         module = importlib.import_module(f"pyrovae.{name}")
         items = []
         for member in getattr(module, "__all__", []):
@@ -76,7 +95,7 @@ def _module_data() -> dict[str, list[tuple[str, str]]]:
     return found
 
 
-autosummary_context = {"module_data": _module_data()}
+autosummary_context = {"module_data": _module_data(), "top_level": _top_level()}
 
 # -- intersphinx, offline -----------------------------------------------------------------
 # The build has no network (CI and the project's machines reach only PyPI), so intersphinx

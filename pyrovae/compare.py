@@ -65,6 +65,15 @@ def compare(
     training cells), with ``label_key`` ``kmeans_ari``, ``kmeans_nmi`` (and
     ``cluster_ari``, ``cluster_nmi`` for mixtures), and ``epochs`` and ``seconds`` of
     training. Plot it with :func:`plot_comparison`.
+
+    Examples
+    --------
+    >>> import pyrovae
+    >>> adata = pyrovae.datasets.simulate(n_cells=120, n_genes=40, n_clusters=3, seed=0)
+    >>> table = pyrovae.compare(adata, likelihoods=("poisson", "nb"), n_samples=5,
+    ...                         max_epochs=2, kl_warmup_epochs=1, progress=False)
+    >>> sorted(table["likelihood"]), bool(table["marginal_ll"].is_monotonic_decreasing)
+    (['nb', 'poisson'], True)
     """
     from .api import fit
     from .progress import progress_bar
@@ -124,7 +133,19 @@ def compare(
 def plot_comparison(table: pd.DataFrame, *, path=None):
     """Held-out marginal log-likelihood and ELBO of each model (points: the nats are far
     from 0, where bars would have to start), and KMeans ARI (bars from 0) when present;
-    returns the Figure."""
+    returns the Figure.
+
+    Examples
+    --------
+    >>> import pyrovae
+    >>> from pyrovae.compare import plot_comparison
+    >>> adata = pyrovae.datasets.simulate(n_cells=120, n_genes=40, n_clusters=3, seed=0)
+    >>> table = pyrovae.compare(adata, likelihoods=("poisson", "nb"), n_samples=5,
+    ...                         max_epochs=2, kl_warmup_epochs=1, progress=False)
+    >>> fig = plot_comparison(table)
+    >>> len(fig.axes) >= 1
+    True
+    """
     import matplotlib.pyplot as plt
 
     from .plotting import _saved

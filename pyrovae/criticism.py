@@ -139,6 +139,14 @@ def gene_statistics(X) -> dict[GeneStatistic, np.ndarray]:
     ``{"mean", "variance", "cv", "zero_fraction"}``, each of shape ``(..., genes)``. The
     variance is the population variance (``ddof=0``); ``cv = sqrt(variance) / mean``, and
     0 for a gene without counts (no variation).
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from pyrovae.criticism import gene_statistics
+    >>> stats = gene_statistics(np.array([[0, 3], [2, 3]]))
+    >>> stats["mean"], stats["zero_fraction"]
+    (array([1., 3.]), array([0.5, 0. ]))
     """
     return _GeneSums.of(X).statistics()
 
@@ -155,6 +163,14 @@ def cell_statistics(X) -> dict[CellStatistic, np.ndarray]:
     -------
     ``{"library_size", "n_detected"}``: total count and number of non-zero genes, each of
     shape ``(..., cells)``.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from pyrovae.criticism import cell_statistics
+    >>> stats = cell_statistics(np.array([[0, 3, 1], [2, 0, 0]]))
+    >>> stats["library_size"], stats["n_detected"]
+    (array([4., 2.]), array([2., 1.]))
     """
     if sp.issparse(X):
         X = sp.csr_matrix(X)
@@ -194,6 +210,14 @@ def ppc_pvalue(observed: np.ndarray, replicated: np.ndarray) -> np.ndarray:
     Returns
     -------
     p-values of shape ``S``, in [0, 1]; 0.5 when every replicate equals ``t``.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from pyrovae.criticism import ppc_pvalue
+    >>> replicated = np.array([[1.0], [2.0], [3.0], [4.0]])
+    >>> ppc_pvalue(np.array([2.0]), replicated)   # P(T_rep > 2) + P(T_rep = 2) / 2
+    array([0.625])
     """
     return _mid_p(*_fractions(observed, replicated))
 
@@ -227,6 +251,15 @@ def compare(observed: np.ndarray, replicated: np.ndarray, *,
     replicates below and above the observed value; ``p_value`` (mid-p); ``in_50`` and
     ``in_90``, whether the observed value is inside the central 50 % and 90 % intervals
     (see the module docstring for the exact definition).
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from pyrovae.criticism import compare
+    >>> replicated = np.arange(100, dtype=float).reshape(100, 1)   # 100 replicates, 1 gene
+    >>> compare(np.array([99.5]), replicated)[["p_value", "in_50", "in_90"]]
+       p_value  in_50  in_90
+    0      0.0  False  False
     """
     observed = np.asarray(observed, dtype=np.float64)
     replicated = np.asarray(replicated, dtype=np.float64)
@@ -265,6 +298,15 @@ def ppc_summary(table: pd.DataFrame) -> pd.DataFrame:
     ``median_abs_log_ratio``, the median of ``|log(replicated_mean / observed)|`` over the
     items where both are positive (0.1 means replicated and observed typically differ by
     about 10 %).
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from pyrovae.criticism import ppc_statistics, ppc_summary
+    >>> rng = np.random.default_rng(0)
+    >>> check = ppc_statistics(rng.poisson(3.0, size=(50, 8)), rng.poisson(3.0, size=(20, 50, 8)))
+    >>> int(ppc_summary(check.genes).loc["mean", "n"])
+    8
     """
     def one(group: pd.DataFrame) -> pd.Series:
         positive = (group["observed"] > 0) & (group["replicated_mean"] > 0)
@@ -295,6 +337,20 @@ def ppc_calibration(table: pd.DataFrame, levels: Sequence[float] = LEVELS) -> pd
     whose observed value falls inside the central interval of that level. A calibrated
     model follows the diagonal; a curve far below it means the model's replicates are too
     narrow or off centre for that statistic.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> import pandas as pd
+    >>> from pyrovae.criticism import compare, ppc_calibration
+    >>> rng = np.random.default_rng(0)
+    >>> replicated = rng.normal(size=(200, 500))
+    >>> table = compare(rng.normal(size=500), replicated)   # a calibrated model
+    >>> table.index = pd.MultiIndex.from_product([["mean"], range(500)],
+    ...                                          names=["statistic", "gene"])
+    >>> coverage = ppc_calibration(table, levels=(0.5, 0.9))
+    >>> bool(np.allclose(coverage["mean"], coverage.index, atol=0.06))
+    True
     """
     statistics = table.index.get_level_values("statistic").unique()
     out = {}
@@ -324,6 +380,16 @@ class PosteriorPredictiveCheck:
         :func:`ppc_calibration` of both tables: nominal level x statistic.
     n_replicates
         How many replicated data sets the check drew.
+
+    Examples
+    --------
+    >>> import pyrovae
+    >>> adata = pyrovae.datasets.simulate(n_cells=120, n_genes=40, n_clusters=3, seed=0)
+    >>> model = pyrovae.fit(adata, likelihood="nb", max_epochs=2, kl_warmup_epochs=1,
+    ...                     progress=False)
+    >>> check = pyrovae.posterior_predictive_check(model, adata, n_samples=5)
+    >>> check.n_replicates, check.genes.index.names
+    (5, FrozenList(['statistic', 'gene']))
     """
 
     genes: pd.DataFrame
@@ -451,6 +517,16 @@ def ppc_statistics(
     zero_fraction) and per-cell statistics (library_size, n_detected), each with its
     observed value, replicated mean, mid-p p-value and whether it falls inside the central
     50 % and 90 % intervals of the replicates; the summary and calibration tables.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from pyrovae.criticism import ppc_statistics
+    >>> rng = np.random.default_rng(0)
+    >>> X = rng.poisson(3.0, size=(50, 8))
+    >>> check = ppc_statistics(X, rng.poisson(3.0, size=(20, 50, 8)))
+    >>> check.n_replicates, len(check.genes.loc["mean"])
+    (20, 8)
     """
     if not sp.issparse(X):
         X = np.asarray(X)
@@ -507,6 +583,16 @@ def posterior_predictive_check(
     -------
     A :class:`PosteriorPredictiveCheck`, indexed by ``adata.obs_names`` and
     ``adata.var_names``.
+
+    Examples
+    --------
+    >>> import pyrovae
+    >>> adata = pyrovae.datasets.simulate(n_cells=120, n_genes=40, n_clusters=3, seed=0)
+    >>> model = pyrovae.fit(adata, likelihood="nb", max_epochs=2, kl_warmup_epochs=1,
+    ...                     progress=False)
+    >>> check = pyrovae.posterior_predictive_check(model, adata, n_samples=5)
+    >>> sorted(check.summary.index)
+    ['cv', 'library_size', 'mean', 'n_detected', 'variance', 'zero_fraction']
     """
     from .data import read_data
 

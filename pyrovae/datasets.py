@@ -19,6 +19,13 @@ def pbmc68k() -> ad.AnnData:
     its ``.raw.X`` holds ``log1p(counts / n_counts * 1e4)``, so
     ``round(expm1(raw.X) * n_counts / 1e4)`` gives the counts back. ``obs["cell_type"]``
     is the data set's ``bulk_labels`` (FACS-sorted populations).
+
+    Examples
+    --------
+    >>> import pyrovae
+    >>> adata = pyrovae.datasets.pbmc68k()
+    >>> adata.shape, adata.obs["cell_type"].nunique()
+    ((700, 765), 10)
     """
     import scanpy as sc
 
@@ -115,6 +122,13 @@ def simulate(
     differential expression, also ``obs["condition"]`` (categorical, ``"A"``, ``"B"``),
     ``var["de"]`` (bool) and ``var["true_log_fold_change"]`` (natural log, B over A; 0 for
     the other genes).
+
+    Examples
+    --------
+    >>> import pyrovae
+    >>> adata = pyrovae.datasets.simulate(n_cells=100, n_genes=30, n_clusters=3, seed=0)
+    >>> adata.shape, sorted(adata.obs["cluster"].unique())
+    ((100, 30), ['0', '1', '2'])
     """
     if likelihood not in ("poisson", "nb", "zip", "zinb"):
         raise ValueError(f"simulate draws counts: likelihood must be poisson, nb, zip or zinb, got {likelihood!r}")

@@ -86,6 +86,17 @@ def log_fold_changes(
     -------
     ``(n_samples * n_comparisons, genes)``, the comparisons of posterior draw ``s`` in rows
     ``s * n_comparisons`` to ``(s + 1) * n_comparisons - 1``.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from pyrovae.de import log_fold_changes
+    >>> rng = np.random.default_rng(0)
+    >>> one = rng.gamma(5.0, [4.0, 1.0], size=(5, 30, 2))   # (draws, cells, genes)
+    >>> two = rng.gamma(5.0, 1.0, size=(5, 40, 2))
+    >>> lfc = log_fold_changes(one, two, n_comparisons=50)
+    >>> lfc.shape[-1], bool(lfc[..., 0].mean() > 1 > abs(lfc[..., 1].mean()))
+    (2, True)
     """
     expression1, expression2 = np.asarray(expression1), np.asarray(expression2)
     if expression1.ndim != 3 or expression2.ndim != 3:
@@ -138,6 +149,16 @@ def change_statistics(lfc: np.ndarray, *, delta: float = 0.25) -> pd.DataFrame:
     DataFrame with one row per gene (in the input order): ``lfc_mean``, ``lfc_median``,
     ``lfc_std``, ``proba_de`` (``P(|LFC| > delta)``, the share of draws) and
     ``bayes_factor`` (``log(p + eps) - log(1 - p + eps)``, natural log, ``eps = 1e-8``).
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from pyrovae.de import change_statistics
+    >>> rng = np.random.default_rng(0)
+    >>> lfc = rng.normal([2.0, 0.0], 0.1, size=(1000, 2))   # draws for 2 genes
+    >>> table = change_statistics(lfc)
+    >>> bool(table["bayes_factor"].iloc[0] > table["bayes_factor"].iloc[1])
+    True
     """
     lfc = np.asarray(lfc)
     if lfc.ndim != 2 or len(lfc) == 0:
@@ -173,6 +194,16 @@ def select_groups(
         group has no cells.
     ValueError
         If the two groups share a value.
+
+    Examples
+    --------
+    >>> import pandas as pd
+    >>> from pyrovae.de import select_groups
+    >>> obs = pd.DataFrame({"cell_type": ["B", "T", "B", "NK"]})
+    >>> select_groups(obs, "cell_type", "B")             # B against the rest
+    (array([0, 2]), array([1, 3]))
+    >>> select_groups(obs, "cell_type", "B", "NK")
+    (array([0, 2]), array([3]))
     """
     _require_column(obs, groupby)
     column = obs[groupby]
@@ -284,6 +315,17 @@ def differential_expression(
     false discoveries if this gene and all above it are called: the running mean of
     ``1 - proba_de``). ``attrs`` records the groups, their sizes, ``delta`` and ``mode``.
     ``adata`` is not modified.
+
+    Examples
+    --------
+    >>> import pyrovae
+    >>> from pyrovae.de import differential_expression
+    >>> adata = pyrovae.datasets.simulate(n_cells=120, n_genes=40, n_clusters=3, seed=0)
+    >>> model = pyrovae.fit(adata, likelihood="nb", max_epochs=2, kl_warmup_epochs=1,
+    ...                     progress=False)
+    >>> table = differential_expression(model, adata, "cluster", "0", "1", n_samples=5)
+    >>> len(table) == adata.n_vars and "bayes_factor" in table
+    True
     """
     if not model.likelihood.is_count:
         raise ValueError(

@@ -73,6 +73,15 @@ def hide_counts(X, fraction: float = 0.1, *, seed: int = 0
     -------
     ``(masked, rows, cols, values)``: the masked counts (CSR, float32) and the positions
     and original values of the hidden entries.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from pyrovae.imputation import hide_counts
+    >>> X = np.arange(1, 21, dtype=float).reshape(4, 5)
+    >>> masked, rows, cols, values = hide_counts(X, fraction=0.25, seed=0)
+    >>> len(values), masked.nnz, bool((masked[rows, cols] == 0).all())
+    (5, 15, True)
     """
     if not 0.0 < fraction < 1.0:
         raise ValueError(f"fraction must lie in (0, 1), got {fraction}")
@@ -102,7 +111,16 @@ def hide_counts(X, fraction: float = 0.1, *, seed: int = 0
 
 
 def gene_mean_prediction(masked, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
-    """The baseline ``l_n * sum_m x_mg / sum_m l_m`` at the entries ``(rows, cols)``."""
+    """The baseline ``l_n * sum_m x_mg / sum_m l_m`` at the entries ``(rows, cols)``.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from pyrovae.imputation import gene_mean_prediction
+    >>> X = np.array([[2.0, 2.0], [4.0, 4.0]])
+    >>> gene_mean_prediction(X, np.array([0, 1]), np.array([1, 0]))  # l_n * gene share
+    array([2., 4.])
+    """
     masked = sp.csr_matrix(masked)
     library = np.asarray(masked.sum(axis=1), dtype=np.float64).ravel()
     share = np.asarray(masked.sum(axis=0), dtype=np.float64).ravel() / library.sum()
@@ -116,6 +134,16 @@ def knn_prediction(masked, rows: np.ndarray, cols: np.ndarray, *, n_neighbors: i
     ``N(n)`` are the ``n_neighbors`` nearest cells to cell ``n`` (itself left out),
     Euclidean in the first ``n_pcs`` principal components of ``log1p(1e4 * x / l)``, the
     masked counts log-normalised as scanpy's ``normalize_total`` and ``log1p`` do.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from pyrovae.imputation import hide_counts, knn_prediction
+    >>> X = np.random.default_rng(0).poisson(5.0, size=(60, 20)).astype(float)
+    >>> masked, rows, cols, values = hide_counts(X, fraction=0.1, seed=0)
+    >>> predicted = knn_prediction(masked, rows, cols, n_neighbors=5, n_pcs=5)
+    >>> predicted.shape == values.shape and bool((predicted >= 0).all())
+    True
     """
     from sklearn.decomposition import PCA
 
@@ -150,6 +178,16 @@ class Imputation:
         method's prediction.
     model
         The model fitted to the masked counts.
+
+    Examples
+    --------
+    >>> import pyrovae
+    >>> from pyrovae.imputation import imputation_benchmark
+    >>> adata = pyrovae.datasets.simulate(n_cells=120, n_genes=40, n_clusters=3, seed=0)
+    >>> result = imputation_benchmark(adata, max_epochs=2, kl_warmup_epochs=1, n_pcs=10,
+    ...                               progress=False)
+    >>> type(result.summary).__name__, type(result.hidden).__name__
+    ('DataFrame', 'DataFrame')
     """
 
     summary: pd.DataFrame
@@ -197,6 +235,16 @@ def imputation_benchmark(
     Returns
     -------
     :class:`Imputation`.
+
+    Examples
+    --------
+    >>> import pyrovae
+    >>> from pyrovae.imputation import imputation_benchmark
+    >>> adata = pyrovae.datasets.simulate(n_cells=120, n_genes=40, n_clusters=3, seed=0)
+    >>> result = imputation_benchmark(adata, max_epochs=2, kl_warmup_epochs=1, n_pcs=10,
+    ...                               progress=False)
+    >>> len(result.summary) >= 2
+    True
     """
     from .api import fit
 

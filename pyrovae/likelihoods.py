@@ -75,6 +75,13 @@ class Likelihood:
     gene_param_init
         Initial value of the per-gene parameters not at zero: a constant or a callable
         of the parameter's shape (``(n_genes,)``, or ``(n_batches, n_genes)`` per batch).
+
+    Examples
+    --------
+    >>> from pyrovae.likelihoods import get_likelihood
+    >>> zinb = get_likelihood("zinb")
+    >>> zinb.heads, zinb.gene_params, zinb.is_count
+    ({'log_rho': 'log_softmax', 'gate_logits': 'identity'}, ('log_theta',), True)
     """
 
     name: str
@@ -164,6 +171,17 @@ def register_likelihood(
     ValueError
         ``name`` is taken by another likelihood and ``overwrite`` is False, or a count
         likelihood lacks a per-gene ``log_rho`` head with a log_softmax activation.
+
+    Examples
+    --------
+    >>> import pyro.distributions as dist
+    >>> from pyrovae.likelihoods import LIKELIHOODS, register_likelihood
+    >>> @register_likelihood("poisson_x2", heads={"log_rho": "log_softmax"})
+    ... def poisson_x2(log_rho, *, library):
+    ...     return dist.Poisson(2 * library * log_rho.exp())
+    >>> LIKELIHOODS["poisson_x2"].heads
+    {'log_rho': 'log_softmax'}
+    >>> del LIKELIHOODS["poisson_x2"]
     """
     activations: dict[str, str] = {}
     widths: dict[str, int] = {}
@@ -212,7 +230,18 @@ def same_definition(old, new) -> bool:
 
 
 def get_likelihood(likelihood: str | Likelihood) -> Likelihood:
-    """Look a likelihood up by name (an object passes through)."""
+    """Look a likelihood up by name (an object passes through).
+
+    Examples
+    --------
+    >>> from pyrovae.likelihoods import get_likelihood
+    >>> get_likelihood("nb").name
+    'nb'
+    >>> get_likelihood("negbin")
+    Traceback (most recent call last):
+    ...
+    ValueError: unknown likelihood 'negbin'...
+    """
     if isinstance(likelihood, Likelihood):
         return likelihood
     try:
@@ -236,6 +265,16 @@ class NegativeBinomial2(dist.GammaPoisson):
     It keeps float32 precision from tiny means to huge ``theta`` and, with ``log_theta``
     per gene, computes ``lgamma(theta)`` once per gene rather than once per cell and gene.
     Sampling goes through the Gamma-Poisson mixture.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from pyrovae.likelihoods import NegativeBinomial2
+    >>> nb = NegativeBinomial2(torch.tensor(2.0).log(), torch.tensor(4.0).log())  # mu 2, theta 4
+    >>> float(nb.mean), float(nb.variance)                 # mu + mu^2 / theta
+    (2.0, 3.0)
+    >>> round(float(nb.log_prob(torch.tensor(0.0)).exp()), 4)  # (theta / (theta + mu))^theta
+    0.1975
     """
 
     arg_constraints = {"log_mu": constraints.real, "log_theta": constraints.real}

@@ -36,6 +36,17 @@ def plot_history(history: pd.DataFrame, ax=None):
     1), where a warm-up started again (the weight fell), and where the prior changed
     (``prior`` column; histories saved before it existed have no such marks): the jump in
     the ELBO at a prior swap is a change of model, not progress.
+
+    Examples
+    --------
+    >>> import pyrovae
+    >>> from pyrovae.plotting import plot_history
+    >>> adata = pyrovae.datasets.simulate(n_cells=120, n_genes=40, n_clusters=3, seed=0)
+    >>> model = pyrovae.fit(adata, likelihood="nb", max_epochs=2, kl_warmup_epochs=1,
+    ...                     progress=False)
+    >>> ax = plot_history(model.history)
+    >>> ax.get_xlabel()
+    'epoch'
     """
     import matplotlib.pyplot as plt
 
@@ -92,7 +103,18 @@ def history_events(history: pd.DataFrame) -> list[tuple[str, tuple[int, str]]]:
 
 def umap(adata: ad.AnnData, *, use_rep: str = "X_pyrovae", n_neighbors: int = 15,
          seed: int = 0) -> np.ndarray:
-    """2-D UMAP coordinates of ``adata.obsm[use_rep]`` (``adata`` is not modified)."""
+    """2-D UMAP coordinates of ``adata.obsm[use_rep]`` (``adata`` is not modified).
+
+    Examples
+    --------
+    >>> import pyrovae
+    >>> from pyrovae.plotting import umap
+    >>> adata = pyrovae.datasets.simulate(n_cells=120, n_genes=40, n_clusters=3, seed=0)
+    >>> model = pyrovae.fit(adata, likelihood="nb", max_epochs=2, kl_warmup_epochs=1,
+    ...                     progress=False)
+    >>> umap(adata).shape
+    (120, 2)
+    """
     import scanpy as sc
 
     if use_rep not in adata.obsm:
@@ -106,7 +128,17 @@ def umap(adata: ad.AnnData, *, use_rep: str = "X_pyrovae", n_neighbors: int = 15
 def plot_embedding(coords: np.ndarray, labels, *, title: str = "", ax=None, point_size: float = 8,
                    path: str | os.PathLike | None = None) -> "Figure":
     """Scatter 2-D coordinates coloured by a categorical label, legend on the right; returns
-    the Figure (of ``ax`` when given)."""
+    the Figure (of ``ax`` when given).
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from pyrovae.plotting import plot_embedding
+    >>> coords = np.random.default_rng(0).normal(size=(30, 2))
+    >>> fig = plot_embedding(coords, np.repeat(["a", "b", "c"], 10), title="three groups")
+    >>> fig.axes[0].get_title()
+    'three groups'
+    """
     import matplotlib.pyplot as plt
 
     owned = ax is None
@@ -137,6 +169,17 @@ def plot_clusters(adata: ad.AnnData, *, label_key: str | None = None,
     The UMAP is ``adata.obsm["X_umap"]`` when there is one, else computed from
     ``adata.obsm[use_rep]`` (``adata`` is not modified). After ``pyrovae.fit(adata,
     prior="gmm")`` the clusters are in ``adata.obs["pyrovae_cluster"]``.
+
+    Examples
+    --------
+    >>> import pyrovae
+    >>> from pyrovae.plotting import plot_clusters
+    >>> adata = pyrovae.datasets.simulate(n_cells=120, n_genes=40, n_clusters=3, seed=0)
+    >>> model = pyrovae.fit(adata, likelihood="nb", prior="gmm", n_clusters=3, max_epochs=2,
+    ...                     kl_warmup_epochs=1, progress=False)
+    >>> fig = plot_clusters(adata, label_key="cluster")
+    >>> len(fig.axes)
+    2
     """
     import matplotlib.pyplot as plt
 
@@ -177,6 +220,15 @@ def plot_latent_activity(latent_means: np.ndarray, *, threshold: float = 0.01,
     Returns
     -------
     The matplotlib Figure.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from pyrovae.plotting import plot_latent_activity
+    >>> means = np.random.default_rng(0).normal(size=(200, 4)) * [1.0, 0.5, 0.01, 0.0]
+    >>> fig = plot_latent_activity(means)
+    >>> len(fig.axes) >= 1
+    True
     """
     import matplotlib.pyplot as plt
     from matplotlib.patches import Patch
@@ -231,6 +283,17 @@ def plot_ppc_zeros(genes: pd.DataFrame, *, ax=None,
     Returns
     -------
     The matplotlib Figure.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from pyrovae.criticism import ppc_statistics
+    >>> from pyrovae.plotting import plot_ppc_zeros
+    >>> rng = np.random.default_rng(0)
+    >>> check = ppc_statistics(rng.poisson(1.0, size=(50, 8)), rng.poisson(1.0, size=(20, 50, 8)))
+    >>> fig = plot_ppc_zeros(check.genes)
+    >>> len(fig.axes)
+    1
     """
     return _plot_observed_vs_replicated(genes, "zero_fraction", log=False, ax=ax, path=path,
                                         label="fraction of zeros")
@@ -255,6 +318,17 @@ def plot_ppc_dispersion(genes: pd.DataFrame, *, statistic: Literal["cv", "varian
     Returns
     -------
     The matplotlib Figure.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from pyrovae.criticism import ppc_statistics
+    >>> from pyrovae.plotting import plot_ppc_dispersion
+    >>> rng = np.random.default_rng(0)
+    >>> check = ppc_statistics(rng.poisson(3.0, size=(50, 8)), rng.poisson(3.0, size=(20, 50, 8)))
+    >>> fig = plot_ppc_dispersion(check.genes, statistic="variance")
+    >>> len(fig.axes)
+    1
     """
     if statistic not in ("cv", "variance"):
         raise ValueError(f"statistic must be 'cv' or 'variance', got {statistic!r}")
@@ -276,6 +350,17 @@ def plot_ppc_calibration(calibration: pd.DataFrame, *, ax=None,
     Returns
     -------
     The matplotlib Figure.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from pyrovae.criticism import ppc_statistics
+    >>> from pyrovae.plotting import plot_ppc_calibration
+    >>> rng = np.random.default_rng(0)
+    >>> check = ppc_statistics(rng.poisson(3.0, size=(50, 8)), rng.poisson(3.0, size=(20, 50, 8)))
+    >>> fig = plot_ppc_calibration(check.calibration)
+    >>> len(fig.axes)
+    1
     """
     import matplotlib.pyplot as plt
 
@@ -297,7 +382,18 @@ def plot_ppc_calibration(calibration: pd.DataFrame, *, ax=None,
 
 def plot_ppc(check: "PosteriorPredictiveCheck", *,
              path: str | os.PathLike | None = None) -> "Figure":
-    """Zeros, dispersion (CV) and calibration of a check, side by side."""
+    """Zeros, dispersion (CV) and calibration of a check, side by side.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from pyrovae.criticism import ppc_statistics
+    >>> from pyrovae.plotting import plot_ppc
+    >>> rng = np.random.default_rng(0)
+    >>> check = ppc_statistics(rng.poisson(3.0, size=(50, 8)), rng.poisson(3.0, size=(20, 50, 8)))
+    >>> len(plot_ppc(check).axes)
+    3
+    """
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.6))
@@ -373,6 +469,18 @@ def volcano(table: pd.DataFrame, *, n_labels: int = 10, bayes_factor: float = 3.
     Returns
     -------
     The matplotlib Figure (of ``ax`` when given).
+
+    Examples
+    --------
+    >>> import pyrovae
+    >>> from pyrovae.plotting import volcano
+    >>> adata = pyrovae.datasets.simulate(n_cells=120, n_genes=40, n_clusters=3, seed=0)
+    >>> model = pyrovae.fit(adata, likelihood="nb", max_epochs=2, kl_warmup_epochs=1,
+    ...                     progress=False)
+    >>> table = model.differential_expression(adata, "cluster", "0", n_samples=5)
+    >>> ax = volcano(table, n_labels=3)
+    >>> ax is not None
+    True
     """
     import matplotlib.pyplot as plt
 

@@ -9,6 +9,8 @@ error output kept in a notebook.
 
 from __future__ import annotations
 
+import importlib
+import inspect
 import re
 from html.parser import HTMLParser
 from pathlib import Path
@@ -129,3 +131,54 @@ def test_built_tutorial_shows_figures_and_no_errors(tutorial):
     for sign in ("Traceback (most recent call last)", 'class="output traceback',
                  'class="output stderr'):
         assert sign not in html, f"{path.name} contains error or stderr output ({sign!r})"
+
+
+# ------------------------------------------------------------------------ API reference
+def api_entries() -> set[str]:
+    """The names listed in the ``autosummary`` blocks of the API reference's sources."""
+    names = set()
+    for page in (DOCS / "api").glob("*.md"):
+        for block in re.findall(r"\.\. autosummary::\n(.*?)```", page.read_text(), flags=re.S):
+            names |= {line.strip() for line in block.splitlines()
+                      if line.strip() and not line.strip().startswith(":")}
+    return names
+
+
+def test_every_public_name_has_an_api_entry():
+    import pyrovae
+
+    listed = api_entries()
+    public = [name for name in pyrovae.__all__ if not name.startswith("_")]
+    missing = [name for name in public if f"pyrovae.{name}" not in listed]
+    assert not missing, f"pyrovae.__all__ names without an entry in docs/api/: {missing}"
+
+
+def documented_modules() -> list[str]:
+    found = []
+    for name in sorted(api_entries()):
+        try:
+            module = importlib.import_module(name)
+        except ImportError:  # a function or class, e.g. pyrovae.fit
+            continue
+        if inspect.ismodule(module):
+            found.append(name)
+    return found
+
+
+def test_submodules_with_public_names_are_in_the_reference():
+    for name in ("train", "checkpoint", "nn", "module", "progress", "testing"):
+        assert f"pyrovae.{name}" in documented_modules(), f"pyrovae.{name} has no API page"
+
+
+@needs_site
+@pytest.mark.parametrize("module", documented_modules())
+def test_every_name_of_a_module_is_on_its_page(module):
+    """Each name of a documented module's ``__all__`` is on the module's built page (its
+    own entry, or a link to the top-level one for names ``pyrovae`` exports)."""
+    path = SITE / "api" / "generated" / f"{module}.html"
+    skip_if_stale(path, DOCS / "api" / "index.md")
+    page, _ = read_page(path)
+    text = " ".join(page.text)
+    names = getattr(importlib.import_module(module), "__all__", [])
+    missing = [name for name in names if name not in text]
+    assert not missing, f"{path.name} does not mention {missing}"
