@@ -33,8 +33,7 @@ import torch
 
 from . import __version__
 
-__all__ = ["FileFormatError", "MAGIC", "MODEL_FORMAT", "MODEL_FORMAT_VERSION", "ModelFileError",
-           "check_writable", "read_verified", "write_verified"]
+__all__ = ["FileFormatError", "ModelFileError", "check_writable", "read_verified", "write_verified"]
 
 MAGIC = b"PYROVAE\n"
 MODEL_FORMAT = "pyrovae-model"

@@ -12,9 +12,12 @@ from __future__ import annotations
 import importlib
 import inspect
 import re
+import shutil
+import subprocess
 from html.parser import HTMLParser
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 DOCS = Path(__file__).resolve().parent.parent / "docs"
@@ -182,3 +185,37 @@ def test_every_name_of_a_module_is_on_its_page(module):
     names = getattr(importlib.import_module(module), "__all__", [])
     missing = [name for name in names if name not in text]
     assert not missing, f"{path.name} does not mention {missing}"
+
+
+BROWSER = next((b for b in ("chromium", "chromium-browser", "google-chrome") if shutil.which(b)), None)
+SCREENSHOT_PAGES = ["index", "tutorials/quickstart", "api/generated/pyrovae.fit"]
+
+
+@needs_site
+@pytest.mark.skipif(BROWSER is None, reason="no headless Chromium on this machine")
+@pytest.mark.parametrize("name", SCREENSHOT_PAGES)
+def test_a_screenshot_of_the_built_page_is_styled(name, tmp_path):
+    """Render the page in headless Chromium: a styled page has a light background, dark
+    text, the theme's coloured links and the sidebar, so its pixels are far from one colour;
+    an unstyled or empty build is a white page with a little black text."""
+    pytest.importorskip("PIL")
+    from PIL import Image
+
+    page, shot = SITE / f"{name}.html", tmp_path / "page.png"
+    subprocess.run([BROWSER, "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars",
+                    f"--screenshot={shot}", "--window-size=1280,900", page.as_uri()],
+                   check=True, capture_output=True, timeout=120)
+    image = np.asarray(Image.open(shot).convert("RGB")).astype(int)
+    assert image.shape[:2] == (900, 1280)
+    colours = {tuple(c) for c in image.reshape(-1, 3)[::7]}
+    coloured = np.abs(image - image.mean(axis=2, keepdims=True)).max(axis=2) > 40
+    inked = (image.sum(axis=2) < 600).mean()
+    assert len(colours) > 50, f"{name}: {len(colours)} colours, an unstyled page"
+    assert coloured.mean() > 1e-4, f"{name}: no coloured pixels (no theme links or accents)"
+    assert 0.01 < inked < 0.9, f"{name}: {inked:.1%} of the page is ink"
+    def background(strip):
+        values, counts = np.unique(strip.reshape(-1, 3), axis=0, return_counts=True)
+        return tuple(values[counts.argmax()])
+
+    # furo's sidebar is shaded: its background is not the page's
+    assert background(image[:, 5:90]) != background(image[:, 1180:]), f"{name}: no sidebar"
