@@ -195,9 +195,11 @@ class GaussianMixture(Prior):
         Gumbel-Softmax temperature: ``(start, end, epochs)``, decaying exponentially from
         ``start`` to ``end`` over ``epochs`` epochs.
     conditional_posterior
-        ``q(z | x, y)`` as above (True), or ``q(z | x)`` shared by all clusters (False): the
-        decoder then runs once per cell instead of once per cell and cluster, since ``z``
-        no longer depends on ``y``.
+        ``q(z | x, y)`` as above (True), or ``q(z | x)`` shared by all clusters (False, the
+        default): the decoder then runs once per cell instead of once per cell and
+        cluster, since ``z`` no longer depends on ``y``. Measured in ``docs/mixtures.md``
+        (bladder, K = 16): the shared posterior trains at about the standard VAE's cost
+        per epoch, the conditional one at several times it.
     """
 
     name = "gmm"
@@ -210,7 +212,7 @@ class GaussianMixture(Prior):
         learn_weights: bool = True,
         init: Literal["leiden", "kmeans", "random"] = "leiden",
         temperature: tuple[float, float, int] = (1.0, 0.5, 100),
-        conditional_posterior: bool = True,
+        conditional_posterior: bool = False,
     ):
         super().__init__()
         if n_clusters < 2:
