@@ -101,3 +101,95 @@ def test_enumerated_loss_with_the_fused_zinb_equals_the_explicit_sum_over_k():
                      - dist.Normal(loc[k], scale[k]).log_prob(z[k]).sum(-1) - log_q_y[:, k])
             total = total + (log_q_y[:, k].exp() * terms).sum()
     assert loss == pytest.approx(-total.item(), rel=1e-5)
+
+
+# ---------------------------------------------------------------- the number of clusters
+def well_separated(k: int):
+    import scanpy as sc
+
+    import pyrovae
+
+    adata = pyrovae.datasets.simulate(100 * k + 300, 200, k, likelihood="zinb", separation=3.0, seed=k)
+    sc.pp.filter_genes(adata, min_cells=3)
+    return adata
+
+
+@pytest.mark.parametrize("k", [3, 5, 8])
+def test_automatic_k_finds_the_true_number_of_clusters(k):
+    import pyrovae
+    from sklearn.metrics import adjusted_rand_score
+
+    adata = well_separated(k)
+    pyrovae.fit(adata, "zinb", prior="gmm", seed=0, max_epochs=60, progress=False)
+    found = adata.uns["pyrovae"]["clusters"]
+    assert found["method"] == "stable_leiden"
+    assert found["n_clusters"] == k
+    assert adata.obsm["pyrovae_cluster_probs"].shape == (adata.n_obs, k)
+    assert adjusted_rand_score(adata.obs["cluster"], adata.obs["pyrovae_cluster"]) >= 0.9
+
+
+def test_n_clusters_still_fixes_k():
+    import pyrovae
+
+    adata = well_separated(3)
+    model = pyrovae.fit(adata, "zinb", prior="gmm", n_clusters=6, seed=0, max_epochs=20, progress=False)
+    assert model.prior.n_clusters == 6
+    assert adata.uns["pyrovae"]["clusters"] == {"n_clusters": 6, "method": "given"}
+    assert adata.obsm["pyrovae_cluster_probs"].shape == (adata.n_obs, 6)
+
+
+def test_stable_leiden_prefers_the_finest_stable_partition():
+    from pyrovae.priors import stable_leiden
+
+    rng = np.random.default_rng(0)
+    centres = rng.normal(0, 8, size=(4, 5))
+    points = np.concatenate([c + rng.normal(size=(120, 5)) for c in centres])
+    labels, search = stable_leiden(points)
+    assert labels.max() + 1 == 4
+    chosen = search["resolutions"].index(search["resolution"])
+    assert search["stability"][chosen] >= max(search["stability"]) - search["tolerance"]
+    finer = [s for r, s in zip(search["resolutions"], search["stability"]) if r > search["resolution"]]
+    assert all(s < max(search["stability"]) - search["tolerance"] for s in finer)
+    with pytest.raises(ValueError, match="needs n_clusters"):
+        GaussianMixture(None, init="random")
+
+
+def test_pruning_leaves_a_model_that_saves_loads_and_scores(tmp_path):
+    import pyrovae
+    from pyrovae.clusters import prune_clusters
+
+    adata = well_separated(3)
+    model = pyrovae.fit(adata, "zinb", prior="gmm", n_clusters=5, seed=0, max_epochs=15, progress=False)
+    before = model.get_cluster_probs(adata)
+    weights = model.prior.weight_logits.detach().softmax(-1).numpy()
+    # make components 1 and 3 empty: no cell is assigned to them
+    with torch.no_grad():
+        model.prior.classifier.bias[[1, 3]] -= 1e3
+    removed = prune_clusters(model, adata)
+    assert removed == pytest.approx([weights[1], weights[3]], rel=1e-5)
+    assert model.prior.n_clusters == 3
+    assert model.prior.selection["pruned_weights"] == removed
+    after = model.get_cluster_probs(adata)
+    assert after.shape == (adata.n_obs, 3)
+    np.testing.assert_allclose(after.argmax(1), before[:, [0, 2, 4]].argmax(1))
+    model.annotate(adata)
+    assert adata.uns["pyrovae"]["clusters"]["n_clusters"] == 3
+    assert adata.uns["pyrovae"]["clusters"]["pruned_weights"] == removed
+    assert list(adata.obs["pyrovae_cluster"].cat.categories) == ["0", "1", "2"]
+    assert np.isfinite(model.elbo(adata)["elbo"]).all()
+    model.train(adata, max_epochs=2)  # a fresh optimiser over the remaining parameters
+    path = tmp_path / "pruned.pt"
+    model.save(path)
+    loaded = pyrovae.load(path)
+    assert loaded.prior.n_clusters == 3
+    np.testing.assert_allclose(loaded.get_cluster_probs(adata), model.get_cluster_probs(adata), rtol=1e-5)
+    assert np.isfinite(loaded.elbo(adata)["elbo"]).all()
+
+
+def test_plot_clusters_title_shows_k(tmp_path):
+    import pyrovae
+
+    adata = well_separated(3)
+    pyrovae.fit(adata, "zinb", prior="gmm", seed=0, max_epochs=20, progress=False)
+    fig = pyrovae.plotting.plot_clusters(adata, label_key="cluster")
+    assert "K = 3" in fig.axes[0].get_title()
