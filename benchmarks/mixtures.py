@@ -1,7 +1,18 @@
-"""Three ways to handle a mixture's cluster y, on the same data and network, for several K.
+"""Three ways to handle a mixture's cluster y, on the same data and network, for several K;
+and (``--auto``) the mixture with K chosen from the data against the scanpy workflow.
 
     python benchmarks/mixtures.py [--data pbmc68k bladder] [--seeds 0] [--threads 2]
                                   [--n-clusters K ...] [--init leiden] [--max-epochs N]
+    python benchmarks/mixtures.py --auto [--modes enumerate gumbel marginal] [--seeds 0 1 2]
+
+``--auto``: on the same held-out split, a standard-normal ZINB VAE (``pyrovae.fit``
+defaults), then scanpy's workflow on its latent means of all cells
+(``sc.pp.neighbors(use_rep="X_pyrovae")``, ``sc.tl.leiden`` at resolutions 0.5, 1.0 and 2.0,
+igraph flavour, 2 iterations), against ``pyrovae.fit(prior="gmm", mode=...)`` with no
+``n_clusters`` (K from :func:`pyrovae.priors.stable_leiden`, empty components pruned),
+scored by ``argmax q(y|x)`` on all cells. Per contender: K, ARI, NMI, the held-out ELBO,
+and the median seconds per epoch (of the mixture stage for the mixtures), all in one run.
+Labels only score; nothing is chosen with them.
 
 For each data set (``benchmarks/data.py``): 10 % of the cells are held out (permutation by
 ``numpy.random.default_rng(0)``); on the rest, for each K of ``--n-clusters`` (default: the
@@ -120,6 +131,68 @@ def run(name: str, adata, seed: int, n_clusters: list[int] | None = None,
     return rows
 
 
+LEIDEN_RESOLUTIONS = (0.5, 1.0, 2.0)
+
+
+def run_auto(name: str, adata, seed: int, modes: list[str], max_epochs: int | None = None,
+             label_key: str = "cell_type") -> list[dict]:
+    """The scanpy workflow (standard VAE + Leiden) against the automatic-K mixture."""
+    import scanpy as sc
+
+    labels = adata.obs[label_key].astype(str).to_numpy()
+    perm = np.random.default_rng(0).permutation(adata.n_obs)
+    n_test = adata.n_obs // 10
+    train, test = adata[np.sort(perm[n_test:])].copy(), adata[np.sort(perm[:n_test])].copy()
+    rows = []
+
+    def report(row: dict) -> None:
+        rows.append(row)
+        print(", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+                        for k, v in row.items()), flush=True)
+
+    def scores(clusters) -> dict:
+        return {"K": int(len(np.unique(clusters))), "ari": adjusted_rand_score(labels, clusters),
+                "nmi": normalized_mutual_info_score(labels, clusters)}
+
+    fitted = train.copy()
+    normal = pyrovae.fit(fitted, "zinb", seed=seed, max_epochs=max_epochs, progress=False)
+    normal_elbo = float(normal.elbo(test, n_samples=20)["elbo"].mean())
+    normal_s = float(normal.history["seconds"].median())
+    light = adata.copy()
+    light.obsm["X_pyrovae"] = normal.get_latent(adata)
+    sc.pp.neighbors(light, use_rep="X_pyrovae", random_state=seed)
+    for resolution in LEIDEN_RESOLUTIONS:
+        sc.tl.leiden(light, resolution=resolution, flavor="igraph", n_iterations=2,
+                     directed=False, random_state=seed, key_added="leiden")
+        report({"data": name, "seed": seed, "contender": f"normal + Leiden {resolution}",
+                **scores(light.obs["leiden"].to_numpy()), "held_out_elbo": normal_elbo,
+                "s_per_epoch": normal_s, "ratio_s_per_epoch": 1.0, "resolution": resolution})
+    for mode in modes:
+        fitted = train.copy()
+        model = pyrovae.fit(fitted, "zinb", prior="gmm", mode=mode, seed=seed,
+                            max_epochs=max_epochs, progress=False)
+        stage = model.history.iloc[int(fitted.uns["pyrovae"]["settings"]["pretrain_epochs"]):]
+        seconds = float(stage["seconds"].median())
+        found = fitted.uns["pyrovae"]["clusters"]
+        report({"data": name, "seed": seed, "contender": f"gmm auto-K {mode}",
+                **scores(model.get_clusters(adata)),
+                "held_out_elbo": float(model.elbo(test, n_samples=20)["elbo"].mean()),
+                "s_per_epoch": seconds, "ratio_s_per_epoch": seconds / normal_s,
+                "resolution": found.get("resolution", np.nan),
+                "n_pruned": len(found.get("pruned_weights", []))})
+    return rows
+
+
+def summarize_auto(table: pd.DataFrame) -> pd.DataFrame:
+    """Means over seeds per data set and contender."""
+    return table.groupby(["data", "contender"], sort=False).agg(
+        K=("K", "mean"), ari=("ari", "mean"), ari_min=("ari", "min"), ari_max=("ari", "max"),
+        nmi=("nmi", "mean"), held_out_elbo=("held_out_elbo", "mean"),
+        s_per_epoch=("s_per_epoch", "median"), ratio_s_per_epoch=("ratio_s_per_epoch", "median"),
+        seeds=("seed", "nunique"),
+    )
+
+
 def summarize(table: pd.DataFrame) -> pd.DataFrame:
     """Means over seeds (ARI range too; seconds per epoch as the median) per data, K, contender."""
     return table.groupby(["data", "K", "contender"], sort=False).agg(
@@ -148,7 +221,12 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
     parser.add_argument("--markdown", action="store_true",
                         help="print the per-seed rows and the summary as GitHub tables")
     parser.add_argument("--label-key", default="cell_type", help="obs column of the known labels")
+    parser.add_argument("--auto", action="store_true",
+                        help="the automatic-K mixture against standard VAE + Leiden")
+    parser.add_argument("--modes", nargs="+", choices=MODES, default=MODES,
+                        help="the mixture modes of --auto")
     args = parser.parse_args(argv)
+    auto = args.auto or (args.summarize and "resolution" in pd.read_csv(args.summarize[0]).columns)
     if args.summarize:
         table = pd.concat([pd.read_csv(path) for path in args.summarize], ignore_index=True)
     else:
@@ -156,11 +234,22 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
         rows = []
         for name, adata in datasets.present(args.data):
             for seed in args.seeds:
-                rows += run(name, adata, seed, args.n_clusters, args.init, args.max_epochs,
-                             args.label_key)
+                if auto:
+                    rows += run_auto(name, adata, seed, args.modes, args.max_epochs, args.label_key)
+                else:
+                    rows += run(name, adata, seed, args.n_clusters, args.init, args.max_epochs,
+                                args.label_key)
         table = pd.DataFrame(rows)
         if args.csv:
             table.to_csv(args.csv, index=False)
+    if auto:
+        if args.markdown:
+            print(markdown(summarize_auto(table).reset_index(), digits=3))
+        else:
+            with pd.option_context("display.width", 200, "display.max_columns", None,
+                                   "display.float_format", "{:.3f}".format):
+                print(summarize_auto(table))
+        return table
     if args.markdown:
         for name, rows in table.groupby("data", sort=False):
             rows = rows.sort_values(["K", "seed"], kind="stable").drop(columns="data")

@@ -13,8 +13,8 @@ __version__ = "0.1.0"
 # parameters are local torch parameters whatever ``module_local_params`` says (see
 # pyrovae.nn.LocalPyroModule), so the user's own Pyro code runs beside it unchanged.
 
-from . import (checkpoint, criticism, datasets, de, files, imputation, likelihoods,  # noqa: E402
-               metrics, plotting, priors)
+from . import (checkpoint, clusters, criticism, datasets, de, files, imputation,  # noqa: E402
+               likelihoods, metrics, plotting, priors)
 from . import compare  # noqa: E402  (a module, callable as its compare function)
 from .api import fit, resume  # noqa: E402
 from .criticism import posterior_predictive_check  # noqa: E402
@@ -30,6 +30,7 @@ __all__ = [
     "VAE",
     "__version__",
     "checkpoint",
+    "clusters",
     "compare",
     "criticism",
     "datasets",

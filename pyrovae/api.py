@@ -16,6 +16,7 @@ import numpy as np
 import pandas as pd
 
 from . import checkpoint
+from .clusters import prune_clusters
 from .data import CovariateSpec, is_paths, open_backed
 from .likelihoods import Likelihood
 from .nn import Architecture
@@ -103,8 +104,10 @@ def fit(
         ``"vamp"`` (:class:`pyrovae.priors.VampPrior`), or a prior object.
     n_clusters
         For a prior given by name: the number of mixture components, the clusters of
-        ``"gmm"`` (default 10) or the pseudo-inputs of ``"vamp"`` (default 50); ignored,
-        with a warning, by priors without components.
+        ``"gmm"`` (default: chosen from the data by :func:`pyrovae.priors.stable_leiden`,
+        the components left empty by training then removed by
+        :func:`pyrovae.clusters.prune_clusters`) or the pseudo-inputs of ``"vamp"``
+        (default 50); ignored, with a warning, by priors without components.
     mode
         For ``prior="gmm"``: how the cluster is handled in training: summed out exactly
         by enumeration, relaxed by Gumbel-Softmax, or marginalised out of the prior (the
@@ -217,6 +220,9 @@ def fit(
         "plan": asdict(plan), "prior": prior.name, "prior_config": prior.config(),
     }
     _fit_stages(model, adata, plan, run, prior=prior)
+    if not files and isinstance(model.prior, GaussianMixture) and (
+            model.prior.selection.get("method") != "given"):
+        prune_clusters(model, adata)  # a K chosen from the data: drop the empty components
     if not files:
         write_outputs(model, adata, run)
     return model

@@ -192,7 +192,11 @@ def plot_clusters(adata: ad.AnnData, *, label_key: str | None = None,
     coords = adata.obsm["X_umap"] if "X_umap" in adata.obsm else umap(adata, use_rep=use_rep, seed=seed)
     fig, axes = plt.subplots(1, len(keys), figsize=(7.5 * len(keys), 5), squeeze=False)
     for ax, key in zip(axes[0], keys):
-        title = "mixture clusters, argmax q(y | x)" if key == cluster_key else key
+        title = key
+        if key == cluster_key:
+            found = adata.uns.get("pyrovae", {}).get("clusters", {}).get("n_clusters")
+            K = int(found) if found is not None else adata.obs[key].nunique()
+            title = f"mixture clusters, argmax q(y | x), K = {K}"
         plot_embedding(coords, adata.obs[key].to_numpy(), title=title, ax=ax)
     fig.tight_layout()
     return _saved(fig, path)

@@ -689,6 +689,8 @@ class VAE:
             locs = getattr(self.prior, "locs", None)
             if isinstance(locs, torch.Tensor):
                 record["component_means"] = locs.detach().cpu().numpy()
+            record["clusters"] = {"n_clusters": int(self.prior.n_clusters),
+                                  **getattr(self.prior, "selection", {})}
         adata.obsm[key_added] = latent
         if probs is not None:
             K = probs.shape[1]

@@ -253,3 +253,19 @@ def test_mixtures_benchmark_runs(tmp_path, capsys, keep_threads):
     out = capsys.readouterr().out
     assert len(again) == 16 and "| K | contender | held_out_elbo |" in out
 
+
+
+def test_mixtures_benchmark_automatic_k_against_leiden(tmp_path, capsys, keep_threads):
+    from benchmarks import mixtures
+
+    csv = tmp_path / "auto.csv"
+    table = mixtures.main(["--auto", "--data", "simulated:150x30", "--modes", "enumerate", "marginal",
+                           "--max-epochs", "4", "--label-key", "cluster", "--threads", "1",
+                           "--csv", str(csv)])
+    assert list(table["contender"]) == [f"normal + Leiden {r}" for r in mixtures.LEIDEN_RESOLUTIONS] + [
+        "gmm auto-K enumerate", "gmm auto-K marginal"]
+    assert table[["K", "ari", "nmi", "held_out_elbo", "s_per_epoch"]].notna().all().all()
+    assert (table["K"] >= 2).all()
+    capsys.readouterr()
+    again = mixtures.main(["--summarize", str(csv), "--markdown"])
+    assert len(again) == 5 and "ratio_s_per_epoch" in capsys.readouterr().out

@@ -18,6 +18,7 @@ ARCH = Architecture(n_latent=3, n_hidden=(16,))
 PRIOR_CASES = {
     "normal": StandardNormal,
     "gmm-enumerate": lambda: GaussianMixture(4, mode="enumerate"),
+    "gmm-conditional-posterior": lambda: GaussianMixture(4, conditional_posterior=True),
     "gmm-gumbel": lambda: GaussianMixture(4, mode="gumbel"),
     "gmm-marginal": lambda: GaussianMixture(4, mode="marginal"),
     "gmm-shared-posterior": lambda: GaussianMixture(4, conditional_posterior=False),

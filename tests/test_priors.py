@@ -24,7 +24,7 @@ K = 3
 def tiny_mixture(mode="enumerate", seed=0):
     """A small ZINB GMVAE with fixed (random, non-trivial) weights and a batch of 5 cells."""
     torch.manual_seed(seed)
-    prior = GaussianMixture(K, mode=mode, learn_weights=True, init="random")
+    prior = GaussianMixture(K, mode=mode, learn_weights=True, init="random", conditional_posterior=True)
     module = VAEModule(6, get_likelihood("zinb"), prior, ARCH).eval()
     with torch.no_grad():
         for p in prior.parameters():
