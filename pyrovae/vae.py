@@ -373,6 +373,27 @@ class VAE:
         """The most probable cluster of each cell, ``argmax_k q(y = k | x)``."""
         return self.get_cluster_probs(adata, batch_size=batch_size).argmax(1)
 
+    def predict(self, adata: ad.AnnData, *, soft: bool = False, batch_size: int = 1024):
+        """The most probable known label of each cell (a categorical Series), or with
+        ``soft=True`` a ``(cells, labels)`` DataFrame of ``q(y | x)``; for a model with the
+        ``"labels"`` prior (see :func:`pyrovae.labels.predict`)."""
+        from .labels import predict
+
+        return predict(self, adata, soft=soft, batch_size=batch_size)
+
+    def novelty(self, adata: ad.AnnData, *, score: str = "entropy") -> pd.Series:
+        """Per-cell novelty score of a labels model (see :func:`pyrovae.labels.novelty`)."""
+        from .labels import novelty
+
+        return novelty(self, adata, score=score)
+
+    def calibrate(self, adata: ad.AnnData, *, labels_key: str | None = None) -> float:
+        """Temperature-scale ``q(y | x)`` on held-out labelled cells, in place; returns the
+        temperature (see :func:`pyrovae.labels.calibrate`)."""
+        from .labels import calibrate
+
+        return calibrate(self, adata, labels_key=labels_key)
+
     def _map(self, adata, fn, batch_size: int) -> np.ndarray:
         """``fn(encoder, encoder_input)`` over all cells of ``adata``, concatenated."""
         data = self._read(adata)
@@ -660,7 +681,9 @@ class VAE:
         earlier entry). A prior with clusters also writes ``adata.obs["pyrovae_cluster"]``
         (``argmax_k q(y = k | x)``, categorical), ``adata.obsm["pyrovae_cluster_probs"]``
         and (for a Gaussian mixture) the component means in
-        ``adata.uns["pyrovae"]["component_means"]``. Everything is computed before
+        ``adata.uns["pyrovae"]["component_means"]``; the ``"labels"`` prior also writes
+        ``adata.obs["pyrovae_label"]`` and ``adata.obsm["pyrovae_label_probabilities"]``
+        (a cells x labels DataFrame of ``q(y | x)``). Everything is computed before
         anything is written: on an error ``adata`` is unchanged. Nothing else in ``adata``
         changes.
 
@@ -694,6 +717,11 @@ class VAE:
             adata.obs["pyrovae_cluster"] = pd.Categorical(
                 probs.argmax(1).astype(str), categories=[str(k) for k in range(K)]
             )
+        labels = getattr(self.prior, "takes_labels", False) and self.prior.labels
+        if labels and probs is not None:  # the 'labels' prior: its clusters are the labels
+            adata.obs["pyrovae_label"] = pd.Categorical.from_codes(probs.argmax(1), categories=labels)
+            adata.obsm["pyrovae_label_probabilities"] = pd.DataFrame(
+                probs, index=adata.obs_names, columns=labels)
         adata.uns["pyrovae"] = record
 
     # ------------------------------------------------------------------ persistence
