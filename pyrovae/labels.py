@@ -31,7 +31,7 @@ if TYPE_CHECKING:
     from .data import CovariateSpec
     from .vae import VAE
 
-__all__ = ["SemiSupervised", "calibrate", "labels_prior", "novelty", "predict"]
+__all__ = ["SemiSupervised", "calibrate", "labels_prior", "novelty", "predict", "with_labels_column"]
 
 
 @register_prior("labels")
@@ -177,6 +177,20 @@ def labels_prior(covariates: "CovariateSpec", *, unlabeled_category: str = "Unkn
                       "every cell is labelled", UserWarning, stacklevel=3)
     return SemiSupervised(known, label_codes=codes, unlabeled_category=unlabeled_category,
                           classification_weight=classification_weight)
+
+
+def with_labels_column(covariates: "CovariateSpec", obs: pd.DataFrame, labels_key: str) -> "CovariateSpec":
+    """``covariates`` that also read ``labels_key`` (for a model fitted without labels
+    that switches to the ``"labels"`` prior); refused when it reads another labels column."""
+    import dataclasses
+
+    from .data import CovariateSpec
+
+    if covariates.labels_key not in (None, labels_key):
+        raise ValueError(f"this model reads its labels from adata.obs[{covariates.labels_key!r}], "
+                         f"not {labels_key!r}")
+    labels = CovariateSpec.from_obs(obs, labels_key=labels_key).labels
+    return dataclasses.replace(covariates, labels_key=labels_key, labels=labels)
 
 
 def _require(model: "VAE") -> SemiSupervised:

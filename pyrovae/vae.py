@@ -137,7 +137,10 @@ class VAE:
             its cells (a mixture clusters them, by Leiden unless told ``init="kmeans"``);
             without, it does so when training resumes.
         **options
-            Constructor arguments of the prior given by name, e.g. ``n_clusters=10``.
+            Constructor arguments of the prior given by name, e.g. ``n_clusters=10``; for
+            ``"labels"`` (:class:`pyrovae.labels.SemiSupervised`): ``labels_key`` (the
+            ``adata.obs`` column of the known labels, read by the model from then on),
+            ``unlabeled_category`` (default ``"Unknown"``) and ``classification_weight``.
 
         Returns
         -------
@@ -149,7 +152,10 @@ class VAE:
                 model.train(adata, max_epochs=100)
                 model.annotate(adata)
         """
-        new = get_prior(prior, **options)
+        if prior == "labels":  # the known labels come from adata: labels_key=, unlabeled_category=
+            new = self._labels_prior(adata, **options)
+        else:
+            new = get_prior(prior, **options)
         module = self.module
         latent = x = None
         if adata is not None and hasattr(new, "initialized"):
@@ -165,6 +171,20 @@ class VAE:
         if latent is not None:
             new.initialize(latent, x)
         return self
+
+    def _labels_prior(self, adata, *, labels_key: str | None = None,
+                      unlabeled_category: str = "Unknown", classification_weight: float = 50.0):
+        """The ``"labels"`` prior for ``set_prior``; reads the labels column from now on."""
+        from .labels import labels_prior, with_labels_column
+
+        key = labels_key or self.covariates.labels_key
+        if adata is None or key is None:
+            raise ValueError("set_prior('labels', adata, labels_key=...) needs the AnnData and the "
+                             "adata.obs column of its known labels")
+        spec = with_labels_column(self.covariates, adata.obs, key)
+        self.covariates = spec
+        return labels_prior(spec, unlabeled_category=unlabeled_category,
+                            classification_weight=classification_weight)
 
     def with_prior(self, prior: str | Prior, adata: ad.AnnData | None = None, **options) -> "VAE":
         """A copy of this model with another prior; this model is left exactly as it is.

@@ -158,3 +158,17 @@ def test_errors_name_the_problem(small, quick):
     plain = pyrovae.fit(small, **quick)
     with pytest.raises(ValueError, match="'labels' prior"):
         plain.predict(small)
+
+
+def test_set_prior_labels_on_a_fitted_unsupervised_model(small, quick):
+    known = labelled(small, fraction=0.2)
+    plain = pyrovae.fit(small, **quick)
+    decoder = {k: v.clone() for k, v in plain.module.model.decoder.state_dict().items()}
+    model = plain.set_prior("labels", small, labels_key="lab")
+    assert isinstance(model.prior, SemiSupervised) and model.covariates.labels_key == "lab"
+    for k, v in model.module.model.decoder.state_dict().items():
+        torch.testing.assert_close(v, decoder[k])
+    model.train(small, max_epochs=2, progress=False)
+    assert model.predict(small, soft=True).shape == (small.n_obs, 4)
+    with pytest.raises(ValueError, match="labels_key"):
+        pyrovae.fit(small, **quick).set_prior("labels", small)
