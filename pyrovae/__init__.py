@@ -14,7 +14,7 @@ __version__ = "0.1.0"
 # pyrovae.nn.LocalPyroModule), so the user's own Pyro code runs beside it unchanged.
 
 from . import checkpoint, criticism, datasets, de, imputation, likelihoods, metrics, plotting, priors  # noqa: E402
-from . import labels  # noqa: E402  (registers the 'labels' prior)
+from . import labels, query  # noqa: E402  (labels registers the 'labels' prior)
 from . import compare  # noqa: E402  (a module, callable as its compare function)
 from .api import fit, resume  # noqa: E402
 from .criticism import posterior_predictive_check  # noqa: E402
@@ -43,5 +43,6 @@ __all__ = [
     "plotting",
     "posterior_predictive_check",
     "priors",
+    "query",
     "resume",
 ]

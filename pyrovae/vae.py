@@ -414,6 +414,14 @@ class VAE:
 
         return calibrate(self, adata, labels_key=labels_key)
 
+    def map_query(self, query: ad.AnnData, **options) -> "VAE":
+        """A new model for a query data set with new batches, trained with this model's
+        weights frozen (scArches); this model is not changed. See
+        :func:`pyrovae.query.map_query` for the options."""
+        from .query import map_query
+
+        return map_query(self, query, **options)
+
     def _map(self, adata, fn, batch_size: int) -> np.ndarray:
         """``fn(encoder, encoder_input)`` over all cells of ``adata``, concatenated."""
         data = self._read(adata)

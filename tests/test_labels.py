@@ -172,3 +172,66 @@ def test_set_prior_labels_on_a_fitted_unsupervised_model(small, quick):
     assert model.predict(small, soft=True).shape == (small.n_obs, 4)
     with pytest.raises(ValueError, match="labels_key"):
         pyrovae.fit(small, **quick).set_prior("labels", small)
+
+
+@pytest.fixture(scope="module")
+def reference_and_query():
+    adata = pyrovae.datasets.simulate(400, 60, 4, likelihood="nb", separation=3.0, seed=2, n_batches=3)
+    labelled(adata, fraction=0.3)
+    ref = adata[adata.obs["batch"] != "b2"].copy()
+    query = adata[adata.obs["batch"] == "b2"].copy()
+    ref.obs["batch"] = ref.obs["batch"].astype(str)
+    reference = pyrovae.fit(ref, batch_key="batch", labels_key="lab", unlabeled_category="Unknown",
+                            max_epochs=3, progress=False, seed=0)
+    return reference, ref, query
+
+
+def test_map_query_leaves_reference_unchanged_and_freezes_weights(reference_and_query):
+    reference, ref, query = reference_and_query
+    before = {k: v.clone() for k, v in reference.module.state_dict().items()}
+    del query.obs["lab"]
+    mapped = reference.map_query(query, max_epochs=3)
+    for k, v in reference.module.state_dict().items():
+        assert torch.equal(v, before[k]), k
+    after = mapped.module.state_dict()
+    # frozen: every weight that exists in the reference with the same shape is unchanged
+    for k, v in before.items():
+        if after[k].shape == v.shape:
+            assert torch.equal(after[k], v), k
+    # the first encoder layer: old columns unchanged, the new batch's column trained
+    name = next(k for k in after if after[k].shape != before[k].shape and k.startswith("guide.encoder"))
+    old, new = before[name], after[name]
+    n_genes = len(reference.var_names)
+    torch.testing.assert_close(new[:, :n_genes + 2], old[:, :n_genes + 2], rtol=0, atol=0)
+    assert new[:, n_genes + 2].abs().sum() > 0
+    assert mapped.covariates.categorical["batch"] == ["b0", "b1", "b2"]
+    query.obs["lab"] = "Unknown"
+    assert mapped.get_latent(query).shape == (query.n_obs, reference.n_latent)
+    assert mapped.predict(query).shape == (query.n_obs,)
+
+
+def test_map_query_genes_are_matched_by_name(reference_and_query):
+    reference, _, query = reference_and_query
+    with pytest.raises(ValueError, match="lacks 1 of the reference's"):
+        reference.map_query(query[:, 1:].copy(), max_epochs=1)
+    extra = query.copy()
+    extra.var_names = list(query.var_names[:-1]) + ["not_a_reference_gene"]
+    with pytest.raises(ValueError, match="lacks"):
+        reference.map_query(extra, max_epochs=1)
+    import anndata as ad
+    import scipy.sparse as sp
+
+    wider = ad.concat([query, ad.AnnData(sp.csr_matrix((query.n_obs, 1), dtype=np.float32),
+                                         obs=query.obs, var=pd.DataFrame(index=["extra"]))],
+                      axis=1, merge="first")
+    wider.obs = query.obs.copy()
+    wider = wider[:, ::-1].copy()  # another order too
+    with pytest.warns(UserWarning, match="1 query genes are not in the reference"):
+        mapped = reference.map_query(wider, max_epochs=1)
+    assert list(mapped.var_names) == list(reference.var_names)
+
+
+def test_map_query_needs_a_batch_covariate(fitted):
+    model, adata, _ = fitted
+    with pytest.raises(ValueError, match="batch_key"):
+        model.map_query(adata)
