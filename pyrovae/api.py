@@ -19,7 +19,7 @@ from . import checkpoint
 from .data import CovariateSpec, is_paths, open_backed
 from .likelihoods import Likelihood
 from .nn import Architecture
-from .labels import labels_prior
+from .labels import hide_labels, labels_prior
 from .priors import PRIORS, GaussianMixture, Prior, get_prior
 from .train import (TrainingInterruptedWarning, TrainingPlan, TrainingState, default_max_epochs,
                     history_frame)
@@ -44,6 +44,7 @@ def fit(
     prior: Literal["normal", "gmm", "vamp", "labels"] | Prior = "normal",
     unlabeled_category: str | None = None,
     classification_weight: float = 50.0,
+    calibration_fraction: float = 0.0,
     n_clusters: int | None = None,
     mode: Literal["enumerate", "gumbel", "marginal"] = "enumerate",
     pretrain_epochs: int | None = None,
@@ -113,6 +114,10 @@ def fit(
     classification_weight
         For ``prior="labels"``: the weight of M2's classification term ``log q(y | x)``
         on the labelled cells.
+    calibration_fraction
+        For ``prior="labels"``: the share of the labelled cells (drawn with ``seed``) whose
+        labels are hidden in training and then used to calibrate ``q(y | x)`` by
+        temperature scaling (:func:`pyrovae.labels.calibrate`); 0 for none.
     n_clusters
         For a prior given by name: the number of mixture components, the clusters of
         ``"gmm"`` (default 10) or the pseudo-inputs of ``"vamp"`` (default 50); ignored,
@@ -235,7 +240,12 @@ def fit(
         "pretrain_epochs": pretrain_epochs if staged else 0, "key_added": key_added,
         "plan": asdict(plan), "prior": prior.name, "prior_config": prior.config(),
     }
-    _fit_stages(model, adata, plan, run, prior=prior)
+    held = None
+    if semi_supervised and calibration_fraction > 0:
+        adata, held = hide_labels(adata, labels_key, prior.unlabeled_category, calibration_fraction, seed)
+    _fit_stages(model, adata if held is None else held[0], plan, run, prior=prior)
+    if held is not None:
+        model.calibrate(adata[held[1]], labels_key=labels_key)
     if not files:
         write_outputs(model, adata, run)
     return model

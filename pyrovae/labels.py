@@ -31,7 +31,7 @@ if TYPE_CHECKING:
     from .data import CovariateSpec
     from .vae import VAE
 
-__all__ = ["SemiSupervised", "calibrate", "labels_prior", "novelty", "predict", "with_labels_column"]
+__all__ = ["SemiSupervised", "calibrate", "hide_labels", "labels_prior", "novelty", "predict", "with_labels_column"]
 
 
 @register_prior("labels")
@@ -191,6 +191,34 @@ def with_labels_column(covariates: "CovariateSpec", obs: pd.DataFrame, labels_ke
                          f"not {labels_key!r}")
     labels = CovariateSpec.from_obs(obs, labels_key=labels_key).labels
     return dataclasses.replace(covariates, labels_key=labels_key, labels=labels)
+
+
+def hide_labels(adata: "ad.AnnData", labels_key: str, unlabeled_category: str, fraction: float,
+                seed: int) -> tuple["ad.AnnData", tuple["ad.AnnData", np.ndarray]]:
+    """``(adata, (training, held))``: ``training`` shares ``adata``'s counts, its labels
+    column says ``unlabeled_category`` for the ``held`` labelled cells (a share
+    ``fraction`` of them, drawn by ``numpy.random.default_rng(seed)``)."""
+    import anndata as ad
+
+    if not 0 < fraction < 1:
+        raise ValueError(f"calibration_fraction must lie in (0, 1), got {fraction}")
+    if not isinstance(adata, ad.AnnData):
+        raise TypeError("calibration_fraction needs an AnnData in memory")
+    values = adata.obs[labels_key].astype(str).to_numpy()
+    known = np.flatnonzero(values != unlabeled_category)
+    n = int(round(fraction * len(known)))
+    if n < 1 or n == len(known):
+        raise ValueError(f"calibration_fraction={fraction} of {len(known)} labelled cells "
+                         "leaves no cell to calibrate on or none to train on")
+    held = np.zeros(adata.n_obs, dtype=bool)
+    held[np.random.default_rng(seed).choice(known, size=n, replace=False)] = True
+    obs = adata.obs.copy()
+    column = obs[labels_key].astype(str)
+    column[held] = unlabeled_category
+    obs[labels_key] = pd.Categorical(column, categories=sorted(set(values)))
+    layers = dict(adata.layers) if len(adata.layers) else None
+    training = ad.AnnData(X=adata.X, obs=obs, var=adata.var[[]], layers=layers)
+    return adata, (training, held)
 
 
 def _require(model: "VAE") -> SemiSupervised:

@@ -235,3 +235,14 @@ def test_map_query_needs_a_batch_covariate(fitted):
     model, adata, _ = fitted
     with pytest.raises(ValueError, match="batch_key"):
         model.map_query(adata)
+
+
+def test_fit_calibration_fraction_hides_and_calibrates(small, quick):
+    labelled(small, fraction=0.3)
+    before = small.obs["lab"].copy()
+    model = pyrovae.fit(small, labels_key="lab", unlabeled_category="Unknown",
+                        calibration_fraction=0.3, **quick)
+    assert float(model.prior.calibration_temperature) != 1.0
+    pd.testing.assert_series_equal(small.obs["lab"], before)  # the user's labels are untouched
+    with pytest.raises(ValueError, match="calibration_fraction"):
+        pyrovae.fit(small, labels_key="lab", unlabeled_category="Unknown", calibration_fraction=1.5, **quick)
