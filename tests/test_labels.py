@@ -246,3 +246,11 @@ def test_fit_calibration_fraction_hides_and_calibrates(small, quick):
     pd.testing.assert_series_equal(small.obs["lab"], before)  # the user's labels are untouched
     with pytest.raises(ValueError, match="calibration_fraction"):
         pyrovae.fit(small, labels_key="lab", unlabeled_category="Unknown", calibration_fraction=1.5, **quick)
+
+
+def test_labels_benchmark_runs_with_a_tiny_budget():
+    from benchmarks import labels as bench
+
+    table = bench.main(["--data", "pbmc68k", "--max-epochs", "2"])
+    assert set(table["method"]) == {"pyrovae", "knn"}
+    assert table[["accuracy", "balanced_accuracy", "ece"]].notna().all().all()
