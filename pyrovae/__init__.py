@@ -15,6 +15,7 @@ __version__ = "0.1.0"
 
 from . import (checkpoint, clusters, criticism, datasets, de, files, imputation,  # noqa: E402
                likelihoods, metrics, plotting, priors)
+from . import labels, query  # noqa: E402  (labels registers the 'labels' prior)
 from . import compare  # noqa: E402  (a module, callable as its compare function)
 from .api import fit, resume  # noqa: E402
 from .criticism import posterior_predictive_check  # noqa: E402
@@ -34,15 +35,17 @@ __all__ = [
     "compare",
     "criticism",
     "datasets",
-    "files",
     "de",
+    "files",
     "fit",
     "imputation",
+    "labels",
     "likelihoods",
     "load",
     "metrics",
     "plotting",
     "posterior_predictive_check",
     "priors",
+    "query",
     "resume",
 ]

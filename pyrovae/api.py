@@ -20,6 +20,7 @@ from .clusters import prune_clusters
 from .data import CovariateSpec, is_paths, open_backed
 from .likelihoods import Likelihood
 from .nn import Architecture
+from .labels import hide_labels, labels_prior
 from .priors import PRIORS, GaussianMixture, Prior, get_prior
 from .train import (TrainingInterruptedWarning, TrainingPlan, TrainingState, default_max_epochs,
                     history_frame)
@@ -41,7 +42,10 @@ def fit(
     labels_key: str | None = None,
     library: Literal["observed", "latent"] = "observed",
     dispersion: Literal["gene", "gene-batch", "gene-label", "gene-cell"] = "gene",
-    prior: Literal["normal", "gmm", "vamp"] | Prior = "normal",
+    prior: Literal["normal", "gmm", "vamp", "labels"] | Prior = "normal",
+    unlabeled_category: str | None = None,
+    classification_weight: float = 50.0,
+    calibration_fraction: float = 0.0,
     n_clusters: int | None = None,
     mode: Literal["enumerate", "gumbel", "marginal"] = "enumerate",
     pretrain_epochs: int | None = None,
@@ -102,6 +106,19 @@ def fit(
         Prior on the latent space: ``"normal"`` (``N(0, I)``), ``"gmm"`` (a Gaussian
         mixture with a cluster for each cell, see :class:`pyrovae.priors.GaussianMixture`),
         ``"vamp"`` (:class:`pyrovae.priors.VampPrior`), or a prior object.
+    unlabeled_category
+        With ``labels_key``: the category of cells whose label is unknown. Given, it
+        chooses ``prior="labels"``: semi-supervised training with one mixture component
+        per known label, the label observed where known and enumerated where not
+        (:class:`pyrovae.labels.SemiSupervised`); ``prior="labels"`` alone takes
+        ``"Unknown"``.
+    classification_weight
+        For ``prior="labels"``: the weight of M2's classification term ``log q(y | x)``
+        on the labelled cells.
+    calibration_fraction
+        For ``prior="labels"``: the share of the labelled cells (drawn with ``seed``) whose
+        labels are hidden in training and then used to calibrate ``q(y | x)`` by
+        temperature scaling (:func:`pyrovae.labels.calibrate`); 0 for none.
     n_clusters
         For a prior given by name: the number of mixture components, the clusters of
         ``"gmm"`` (default: chosen from the data by :func:`pyrovae.priors.stable_leiden`,
@@ -151,7 +168,9 @@ def fit(
     any earlier entry). A prior with clusters also writes ``adata.obs["pyrovae_cluster"]``
     (``argmax_k q(y = k | x)``, categorical), ``adata.obsm["pyrovae_cluster_probs"]`` and
     the component means in ``adata.uns["pyrovae"]["component_means"]``. Nothing else in
-    ``adata`` changes, and nothing at all when ``fit`` fails. The writing is
+    ``adata`` changes, and nothing at all when ``fit`` fails. With ``prior="labels"``
+    also ``adata.obs["pyrovae_label"]`` (the most probable known label) and
+    ``adata.obsm["pyrovae_label_probabilities"]`` (cells x labels ``q(y | x)``). The writing is
     :meth:`VAE.annotate`'s, which writes the same for a model changed later
     (``set_prior`` and ``train``).
 
@@ -164,7 +183,11 @@ def fit(
         warnings.warn("fit(mixture=...) is now fit(mode=...), the name GaussianMixture and "
                       "set_prior use; mixture= will be removed", FutureWarning, stacklevel=2)
         mode = mixture
-    if isinstance(prior, str):
+    semi_supervised = prior == "labels" or (unlabeled_category is not None and prior == "normal")
+    if semi_supervised and labels_key is None:
+        raise ValueError("semi-supervised training (prior='labels' or unlabeled_category) needs "
+                         "labels_key, the adata.obs column of the known labels")
+    if isinstance(prior, str) and not semi_supervised:
         accepts = inspect.signature(PRIORS[prior]).parameters if prior in PRIORS else {}
         options: dict = {"mode": mode} if "mode" in accepts else {}
         if n_clusters is not None and "n_clusters" in accepts:
@@ -188,6 +211,10 @@ def fit(
         obs, var_names = adata.obs, adata.var_names
     else:
         raise TypeError(f"expected an AnnData or .h5ad path(s), got {type(adata).__name__}")
+    if semi_supervised:
+        prior = labels_prior(CovariateSpec.from_obs(obs, labels_key=labels_key),
+                             unlabeled_category=unlabeled_category or "Unknown",
+                             classification_weight=classification_weight)
     total = max_epochs or default_max_epochs(len(obs))
     if pretrain_epochs is None:
         pretrain_epochs = min(kl_warmup_epochs, total // 2)
@@ -219,8 +246,13 @@ def fit(
         "pretrain_epochs": pretrain_epochs if staged else 0, "key_added": key_added,
         "plan": asdict(plan), "prior": prior.name, "prior_config": prior.config(),
     }
-    _fit_stages(model, adata, plan, run, prior=prior)
-    if not files and isinstance(model.prior, GaussianMixture) and (
+    held = None
+    if semi_supervised and calibration_fraction > 0:
+        adata, held = hide_labels(adata, labels_key, prior.unlabeled_category, calibration_fraction, seed)
+    _fit_stages(model, adata if held is None else held[0], plan, run, prior=prior)
+    if held is not None:
+        model.calibrate(adata[held[1]], labels_key=labels_key)
+    if not files and not semi_supervised and isinstance(model.prior, GaussianMixture) and (
             model.prior.selection.get("method") != "given"):
         prune_clusters(model, adata)  # a K chosen from the data: drop the empty components
     if not files:

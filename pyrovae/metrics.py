@@ -21,11 +21,13 @@ from sklearn.neighbors import NearestNeighbors
 __all__ = [
     "batch_mixing_entropy",
     "cluster_scores",
+    "expected_calibration_error",
     "kmeans_scores",
     "latent_activity",
     "latent_metrics",
     "leiden_scores",
     "n_active",
+    "reliability_table",
     "silhouette",
 ]
 
@@ -373,3 +375,59 @@ def _obs_column(adata: ad.AnnData, key: str) -> np.ndarray:
         raise ValueError(f"adata.obs[{key!r}] has {missing} missing values; label every cell "
                          "or subset to the labelled cells first")
     return column.astype(str).to_numpy()
+
+
+def reliability_table(probs, labels_true, *, n_bins: int = 15) -> pd.DataFrame:
+    """Confidence against accuracy of probabilistic predictions, in equal-width bins.
+
+    Parameters
+    ----------
+    probs
+        ``(cells, classes)`` predicted probabilities (a DataFrame's columns name the
+        classes; an array's columns are classes ``0..K-1``).
+    labels_true
+        The true class of each cell (a column name of ``probs``, or an index).
+    n_bins
+        Bins of the confidence ``max_k p_k`` over ``(0, 1]``: bin ``b`` holds
+        ``b/n < confidence <= (b+1)/n``.
+
+    Returns
+    -------
+    One row per bin: ``lower``, ``upper``, ``n_cells``, mean ``confidence`` and
+    ``accuracy`` (NaN in empty bins).
+    """
+    if isinstance(probs, pd.DataFrame):
+        classes = np.asarray(probs.columns.astype(str))
+        values = probs.to_numpy(dtype=np.float64)
+        truth = np.asarray(labels_true).astype(str)
+        unknown = ~np.isin(truth, classes)
+        if unknown.any():
+            raise ValueError(f"{int(unknown.sum())} true labels are not among the classes "
+                             f"{list(classes)}, e.g. {truth[unknown][0]!r}")
+        correct = classes[values.argmax(1)] == truth
+    else:
+        values = np.asarray(probs, dtype=np.float64)
+        correct = values.argmax(1) == np.asarray(labels_true)
+    if values.ndim != 2 or len(values) != len(correct):
+        raise ValueError(f"probs must be (cells, classes) with one row per true label, got "
+                         f"{values.shape} for {len(correct)} labels")
+    confidence = values.max(1)
+    edges = np.linspace(0.0, 1.0, n_bins + 1)
+    which = np.clip(np.ceil(confidence * n_bins).astype(int) - 1, 0, n_bins - 1)
+    rows = []
+    for b in range(n_bins):
+        inside = which == b
+        n = int(inside.sum())
+        rows.append({"lower": edges[b], "upper": edges[b + 1], "n_cells": n,
+                     "confidence": confidence[inside].mean() if n else np.nan,
+                     "accuracy": correct[inside].mean() if n else np.nan})
+    return pd.DataFrame(rows)
+
+
+def expected_calibration_error(probs, labels_true, *, n_bins: int = 15) -> float:
+    """ECE (Guo et al. 2017): ``sum_b (n_b / n) |accuracy_b - confidence_b|`` over the
+    equal-width confidence bins of :func:`reliability_table` (15 by default)."""
+    table = reliability_table(probs, labels_true, n_bins=n_bins)
+    full = table[table["n_cells"] > 0]
+    weights = full["n_cells"] / full["n_cells"].sum()
+    return float((weights * (full["accuracy"] - full["confidence"]).abs()).sum())

@@ -148,7 +148,8 @@ class Model(LocalPyroModule):
                 kl_weight: float = 1.0):
         with pyro.plate("cells", n_obs, subsample=index):
             with poutine.scale(scale=kl_weight):
-                z = self.prior.model(self.n_latent)
+                known = {"label": label} if getattr(self.prior, "takes_labels", False) else {}
+                z = self.prior.model(self.n_latent, **known)
             if self.cov.library == "latent":
                 library = pyro.sample("l", self.library_prior(batch)).unsqueeze(-1)
             px = self.observation(z, library, covariates, batch, label)
@@ -182,7 +183,8 @@ class Guide(LocalPyroModule):
         inputs = self.encoder_input(x, covariates)
         with pyro.plate("cells", n_obs, subsample=index):
             with poutine.scale(scale=kl_weight):
-                z = self.prior.guide(self.encoder, inputs)
+                known = {"label": label} if getattr(self.prior, "takes_labels", False) else {}
+                z = self.prior.guide(self.encoder, inputs, **known)
             if self.cov.library == "latent":
                 loc, scale = self.library_encoder(inputs)
                 pyro.sample("l", dist.LogNormal(loc.squeeze(-1), scale.squeeze(-1)))

@@ -24,6 +24,7 @@ __all__ = [
     "plot_ppc_calibration",
     "plot_ppc_dispersion",
     "plot_ppc_zeros",
+    "plot_reliability",
     "umap",
     "volcano",
 ]
@@ -380,6 +381,40 @@ def plot_ppc_calibration(calibration: pd.DataFrame, *, ax=None,
     ax.set_xlabel("nominal level of the central interval")
     ax.set_ylabel("observed coverage")
     ax.set_title("calibration of the posterior predictive")
+    ax.legend(frameon=False, fontsize="small")
+    return _saved(ax.figure, path, owned=owned)
+
+
+def plot_reliability(table: pd.DataFrame, *, ax=None, label: str | None = None,
+                     path: str | os.PathLike | None = None) -> "Figure":
+    """Reliability diagram: accuracy against confidence per bin, the diagonal being
+    perfect calibration.
+
+    Parameters
+    ----------
+    table
+        :func:`pyrovae.metrics.reliability_table` of some predictions.
+    ax, label, path
+        Axes to draw on (a new figure if None), a legend label for these predictions, a
+        file to save the figure to.
+
+    Returns
+    -------
+    The matplotlib Figure.
+    """
+    import matplotlib.pyplot as plt
+
+    owned = ax is None
+    if ax is None:
+        _, ax = plt.subplots(figsize=(5, 5))
+    full = table[table["n_cells"] > 0]
+    ax.plot([0, 1], [0, 1], color="grey", lw=0.8, ls="--", label="calibrated")
+    ax.plot(full["confidence"], full["accuracy"], marker="o", ms=3, label=label or "predictions")
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1.02)
+    ax.set_xlabel("confidence (max probability)")
+    ax.set_ylabel("accuracy")
+    ax.set_title("reliability of the predicted labels")
     ax.legend(frameon=False, fontsize="small")
     return _saved(ax.figure, path, owned=owned)
 

@@ -139,7 +139,10 @@ class VAE:
             its cells (a mixture clusters them, by Leiden unless told ``init="kmeans"``);
             without, it does so when training resumes.
         **options
-            Constructor arguments of the prior given by name, e.g. ``n_clusters=10``.
+            Constructor arguments of the prior given by name, e.g. ``n_clusters=10``; for
+            ``"labels"`` (:class:`pyrovae.labels.SemiSupervised`): ``labels_key`` (the
+            ``adata.obs`` column of the known labels, read by the model from then on),
+            ``unlabeled_category`` (default ``"Unknown"``) and ``classification_weight``.
 
         Returns
         -------
@@ -151,7 +154,10 @@ class VAE:
                 model.train(adata, max_epochs=100)
                 model.annotate(adata)
         """
-        new = get_prior(prior, **options)
+        if prior == "labels":  # the known labels come from adata: labels_key=, unlabeled_category=
+            new = self._labels_prior(adata, **options)
+        else:
+            new = get_prior(prior, **options)
         module = self.module
         latent = x = None
         if adata is not None and hasattr(new, "initialized"):
@@ -167,6 +173,20 @@ class VAE:
         if latent is not None:
             new.initialize(latent, x)
         return self
+
+    def _labels_prior(self, adata, *, labels_key: str | None = None,
+                      unlabeled_category: str = "Unknown", classification_weight: float = 50.0):
+        """The ``"labels"`` prior for ``set_prior``; reads the labels column from now on."""
+        from .labels import labels_prior, with_labels_column
+
+        key = labels_key or self.covariates.labels_key
+        if adata is None or key is None:
+            raise ValueError("set_prior('labels', adata, labels_key=...) needs the AnnData and the "
+                             "adata.obs column of its known labels")
+        spec = with_labels_column(self.covariates, adata.obs, key)
+        self.covariates = spec
+        return labels_prior(spec, unlabeled_category=unlabeled_category,
+                            classification_weight=classification_weight)
 
     def with_prior(self, prior: str | Prior, adata: ad.AnnData | None = None, **options) -> "VAE":
         """A copy of this model with another prior; this model is left exactly as it is.
@@ -374,6 +394,35 @@ class VAE:
     def get_clusters(self, adata: ad.AnnData, *, batch_size: int = 1024) -> np.ndarray:
         """The most probable cluster of each cell, ``argmax_k q(y = k | x)``."""
         return self.get_cluster_probs(adata, batch_size=batch_size).argmax(1)
+
+    def predict(self, adata: ad.AnnData, *, soft: bool = False, batch_size: int = 1024):
+        """The most probable known label of each cell (a categorical Series), or with
+        ``soft=True`` a ``(cells, labels)`` DataFrame of ``q(y | x)``; for a model with the
+        ``"labels"`` prior (see :func:`pyrovae.labels.predict`)."""
+        from .labels import predict
+
+        return predict(self, adata, soft=soft, batch_size=batch_size)
+
+    def novelty(self, adata: ad.AnnData, *, score: str = "entropy") -> pd.Series:
+        """Per-cell novelty score of a labels model (see :func:`pyrovae.labels.novelty`)."""
+        from .labels import novelty
+
+        return novelty(self, adata, score=score)
+
+    def calibrate(self, adata: ad.AnnData, *, labels_key: str | None = None) -> float:
+        """Temperature-scale ``q(y | x)`` on held-out labelled cells, in place; returns the
+        temperature (see :func:`pyrovae.labels.calibrate`)."""
+        from .labels import calibrate
+
+        return calibrate(self, adata, labels_key=labels_key)
+
+    def map_query(self, query: ad.AnnData, **options) -> "VAE":
+        """A new model for a query data set with new batches, trained with this model's
+        weights frozen (scArches); this model is not changed. See
+        :func:`pyrovae.query.map_query` for the options."""
+        from .query import map_query
+
+        return map_query(self, query, **options)
 
     def _map(self, adata, fn, batch_size: int) -> np.ndarray:
         """``fn(encoder, encoder_input)`` over all cells of ``adata``, concatenated."""
@@ -662,7 +711,9 @@ class VAE:
         earlier entry). A prior with clusters also writes ``adata.obs["pyrovae_cluster"]``
         (``argmax_k q(y = k | x)``, categorical), ``adata.obsm["pyrovae_cluster_probs"]``
         and (for a Gaussian mixture) the component means in
-        ``adata.uns["pyrovae"]["component_means"]``. Everything is computed before
+        ``adata.uns["pyrovae"]["component_means"]``; the ``"labels"`` prior also writes
+        ``adata.obs["pyrovae_label"]`` and ``adata.obsm["pyrovae_label_probabilities"]``
+        (a cells x labels DataFrame of ``q(y | x)``). Everything is computed before
         anything is written: on an error ``adata`` is unchanged. Nothing else in ``adata``
         changes.
 
@@ -698,6 +749,11 @@ class VAE:
             adata.obs["pyrovae_cluster"] = pd.Categorical(
                 probs.argmax(1).astype(str), categories=[str(k) for k in range(K)]
             )
+        labels = getattr(self.prior, "takes_labels", False) and self.prior.labels
+        if labels and probs is not None:  # the 'labels' prior: its clusters are the labels
+            adata.obs["pyrovae_label"] = pd.Categorical.from_codes(probs.argmax(1), categories=labels)
+            adata.obsm["pyrovae_label_probabilities"] = pd.DataFrame(
+                probs, index=adata.obs_names, columns=labels)
         adata.uns["pyrovae"] = record
 
     # ------------------------------------------------------------------ persistence

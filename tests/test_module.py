@@ -6,6 +6,7 @@ import pytest
 import torch
 from pyro.infer import Trace_ELBO, TraceMeanField_ELBO
 
+from pyrovae.labels import SemiSupervised
 from pyrovae.likelihoods import LIKELIHOODS, get_likelihood
 from pyrovae.module import VAEModule
 from pyrovae.nn import Architecture
@@ -23,6 +24,9 @@ PRIOR_CASES = {
     "gmm-marginal": lambda: GaussianMixture(4, mode="marginal"),
     "gmm-shared-posterior": lambda: GaussianMixture(4, conditional_posterior=False),
     "vamp": lambda: VampPrior(5),
+    # without label codes (label=None) every cell is unlabelled; tests/test_labels.py checks
+    # the labelled cells
+    "labels": lambda: SemiSupervised(["a", "b", "c"]),
 }
 
 

@@ -1,0 +1,159 @@
+"""Label transfer: pyrovae's semi-supervised 'labels' prior against kNN on a standard
+pyrovae latent space and scvi-tools' SCANVI, side by side in one run.
+
+    python benchmarks/labels.py [--data bladder pbmc68k] [--seeds 0] [--fractions 0.1]
+                                [--max-epochs 200] [--threads 1] [--scvi PYTHON]
+
+For each data set (``benchmarks/data.py``), seed and fraction, the cells with
+``numpy.random.default_rng(seed).random(n) < fraction`` are labelled, the others
+``"Unknown"``. Contenders:
+
+* ``pyrovae``: ``pyrovae.fit(labels_key=..., unlabeled_category="Unknown")`` trained on 80 %
+  of the labelled cells; the other 20 % (chosen with the same generator) are held out to
+  calibrate ``q(y | x)`` by temperature scaling (``model.calibrate``). Its ECE is given
+  before (``ece``) and after (``ece_calibrated``) the calibration.
+* ``knn``: a standard-normal pyrovae VAE on all cells (no labels), then kNN (k = 15) on its
+  latent means trained on all the labelled cells.
+* ``scanvi``: scvi-tools ``SCVI`` + ``SCANVI.from_scvi_model(unlabeled_category="Unknown")``
+  with their default epochs, run by ``--scvi`` (a Python with scvi-tools) as a
+  subprocess (``benchmarks/labels_scvi.py``); skipped when it is not given or fails.
+
+Reported on the cells not labelled (and not held out for calibration): accuracy,
+balanced accuracy, ECE (15 bins, :func:`pyrovae.metrics.expected_calibration_error`) and
+seconds of training.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from sklearn.metrics import balanced_accuracy_score
+from sklearn.neighbors import KNeighborsClassifier
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import pyrovae  # noqa: E402
+from benchmarks import data as datasets  # noqa: E402
+from benchmarks.tables import markdown  # noqa: E402
+from pyrovae.metrics import expected_calibration_error  # noqa: E402
+
+HERE = Path(__file__).resolve().parent
+
+
+def split(n: int, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Labelled cells, and (among them) the 20 % held out for calibration."""
+    rng = np.random.default_rng(seed)
+    labelled = rng.random(n) < fraction
+    held = labelled & (rng.random(n) < 0.2)
+    return labelled, held
+
+
+def scores(truth, probs: pd.DataFrame, cells: np.ndarray) -> dict:
+    pred = probs.columns.to_numpy()[probs.to_numpy().argmax(1)].astype(str)
+    t = np.asarray(truth).astype(str)
+    # a class absent from the labelled cells cannot be predicted; ECE counts it as wrong
+    missing = ~np.isin(t[cells], probs.columns.astype(str))
+    p = probs.iloc[cells]
+    ece = expected_calibration_error(
+        np.concatenate([p.to_numpy(), np.zeros((len(p), 1))], 1),
+        np.where(missing, p.shape[1], [probs.columns.get_loc(x) if x in probs.columns else 0 for x in t[cells]]))
+    return {"accuracy": float((pred[cells] == t[cells]).mean()),
+            "balanced_accuracy": float(balanced_accuracy_score(t[cells], pred[cells])),
+            "ece": ece}
+
+
+def run_pyrovae(adata, key, labelled, held, max_epochs, seed):
+    train = adata.copy()
+    values = adata.obs[key].astype(str).to_numpy().copy()
+    values[~labelled | held] = "Unknown"
+    train.obs["known"] = pd.Categorical(values)
+    start = time.perf_counter()
+    model = pyrovae.fit(train, labels_key="known", unlabeled_category="Unknown",
+                        max_epochs=max_epochs, progress=False, seed=seed)
+    seconds = time.perf_counter() - start
+    probs = model.predict(train, soft=True)
+    temperature = model.calibrate(adata[held].copy(), labels_key=key)
+    calibrated = model.predict(train, soft=True)
+    return probs, calibrated, seconds, temperature
+
+
+def run_knn(adata, key, labelled, max_epochs, seed):
+    start = time.perf_counter()
+    model = pyrovae.fit(adata.copy(), max_epochs=max_epochs, progress=False, seed=seed)
+    latent = model.get_latent(adata)
+    truth = adata.obs[key].astype(str).to_numpy()
+    knn = KNeighborsClassifier(n_neighbors=15).fit(latent[labelled], truth[labelled])
+    probs = pd.DataFrame(knn.predict_proba(latent), columns=knn.classes_)
+    return probs, time.perf_counter() - start
+
+
+def run_scanvi(python, adata, key, labelled, seed):
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / "data.h5ad"
+        out = Path(folder) / "probs.csv"
+        data = adata.copy()
+        values = data.obs[key].astype(str).to_numpy().copy()
+        values[~labelled] = "Unknown"
+        data.obs["known"] = values
+        data.write_h5ad(path)
+        done = subprocess.run([python, str(HERE / "labels_scvi.py"), str(path), str(out), str(seed)],
+                              capture_output=True, text=True)
+        if done.returncode != 0:
+            print("scanvi failed:", done.stderr[-2000:])
+            return None, None
+        info = json.loads(done.stdout.strip().splitlines()[-1])
+        return pd.read_csv(out, index_col=0), info["seconds"]
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data", nargs="+", default=["bladder", "pbmc68k"])
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0])
+    parser.add_argument("--fractions", nargs="+", type=float, default=[0.1])
+    parser.add_argument("--max-epochs", type=int, default=200)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--scvi", default=None, help="a Python with scvi-tools 1.4")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    rows = []
+    for name in args.data:
+        adata = datasets.load(name)
+        if adata is None:
+            continue
+        key = "cell_type"
+        truth = adata.obs[key].astype(str).to_numpy()
+        for fraction in args.fractions:
+            for seed in args.seeds:
+                labelled, held = split(adata.n_obs, fraction, seed)
+                cells = ~labelled
+                base = {"data": name, "fraction": fraction, "seed": seed}
+                probs, calibrated, seconds, temperature = run_pyrovae(
+                    adata, key, labelled, held, args.max_epochs, seed)
+                row = {**base, "method": "pyrovae", **scores(truth, probs, cells), "seconds": seconds}
+                row["ece_calibrated"] = scores(truth, calibrated, cells)["ece"]
+                row["temperature"] = temperature
+                rows.append(row)
+                probs, seconds = run_knn(adata, key, labelled, args.max_epochs, seed)
+                rows.append({**base, "method": "knn", **scores(truth, probs, cells), "seconds": seconds})
+                if args.scvi:
+                    probs, seconds = run_scanvi(args.scvi, adata, key, labelled, seed)
+                    if probs is not None:
+                        rows.append({**base, "method": "scanvi", **scores(truth, probs, cells),
+                                     "seconds": seconds})
+                print(pd.DataFrame(rows).tail(3).to_string(), flush=True)
+    table = pd.DataFrame(rows)
+    print(markdown(table) if len(table) else "no data")
+    return table
+
+
+if __name__ == "__main__":
+    main()

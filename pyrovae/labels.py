@@ -1,0 +1,330 @@
+"""Known labels: a semi-supervised mixture whose components are the cell types (Kingma et
+al. 2014's M2, scANVI), label prediction with a novelty score, and temperature scaling.
+
+The prior :class:`SemiSupervised` (registered as ``"labels"``) has one component per known
+label. Its cluster ``y`` is observed for labelled cells and summed out exactly
+(``TraceEnum_ELBO``) for the others, and its guide adds M2's classification term on
+``q(y | x)`` for the labelled cells. :func:`predict`, :func:`novelty` and :func:`calibrate`
+work on a fitted :class:`pyrovae.VAE` with this prior (also as its methods ``predict``,
+``novelty`` and ``calibrate``).
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from typing import TYPE_CHECKING, Any, Literal, Sequence
+
+import numpy as np
+import pandas as pd
+import pyro
+import pyro.distributions as dist
+import torch
+from torch.nn import functional as F
+
+from .nn import Encoder
+from .priors import GaussianMixture, register_prior
+
+if TYPE_CHECKING:
+    import anndata as ad
+
+    from .data import CovariateSpec
+    from .vae import VAE
+
+__all__ = ["SemiSupervised", "calibrate", "hide_labels", "labels_prior", "novelty", "predict", "with_labels_column"]
+
+
+@register_prior("labels")
+class SemiSupervised(GaussianMixture):
+    """A Gaussian mixture with one component per known label, the label observed where it
+    is known and enumerated where it is not.
+
+    Generative, for a cell with label ``c`` (known) or without (unknown)::
+
+        y ~ Cat(pi)                                   observed, y = c, where c is known
+        z | y ~ N(mu_y, diag(sigma_y^2))
+        x | z ~ likelihood of the VAE
+
+    Inference::
+
+        q(y | x) = Cat(softmax(c(h) / T))             classifier on the encoder body h
+        q(z | x) = N(loc(h), diag(scale(h)^2))        shared by all labels
+
+    The loss of a labelled cell is ``-[log p(x | z) + log p(z | c) + log p(c) - log q(z | x)]
+    - alpha log q(c | x)`` (M2's classification term, weight ``alpha``); that of an
+    unlabelled cell is ``-sum_k q(k | x) [log p(x | z) + log p(z | k) - log q(z | x)]
+    + KL(q(y | x) || p(y))``, the sum over ``k`` done by parallel enumeration.
+
+    Both kinds of cells share one minibatch and one enumerated site ``"y"``: for a labelled
+    cell its model and guide distributions are both uniform, so that they cancel in the
+    ELBO, and ``z`` depends on the known label instead (``torch.where``); the label itself
+    is the observed site ``"y_known"``. ``T`` is 1 in training and is set by
+    :func:`calibrate` (temperature scaling, Guo et al. 2017).
+
+    Parameters
+    ----------
+    labels
+        The known labels, in the order of the components.
+    label_codes
+        The categories of the model's labels column (:class:`pyrovae.data.CovariateSpec`
+        ``labels``), in their code order: each is one of ``labels`` or
+        ``unlabeled_category``. Default: ``labels``.
+    unlabeled_category
+        The category of cells without a known label.
+    classification_weight
+        ``alpha``, the weight of ``log q(c | x)`` for labelled cells (50, as scANVI).
+    learn_weights
+        Learn the label proportions ``pi``.
+    """
+
+    name = "labels"
+    takes_labels = True  # module.Model / Guide give the prior each cell's label code
+
+    def __init__(
+        self,
+        labels: Sequence[str],
+        *,
+        label_codes: Sequence[str] | None = None,
+        unlabeled_category: str = "Unknown",
+        classification_weight: float = 50.0,
+        learn_weights: bool = True,
+    ):
+        labels = [str(x) for x in labels]
+        if len(labels) < 2:
+            raise ValueError(f"semi-supervised training needs at least 2 known labels, got {labels}")
+        if len(set(labels)) != len(labels):
+            raise ValueError(f"the known labels repeat: {labels}")
+        if unlabeled_category in labels:
+            raise ValueError(f"the unlabeled category {unlabeled_category!r} is among the known labels")
+        if classification_weight < 0:
+            raise ValueError(f"classification_weight must be >= 0, got {classification_weight}")
+        super().__init__(len(labels), mode="enumerate", learn_weights=learn_weights,
+                         init="random", conditional_posterior=False)
+        codes = [str(x) for x in (label_codes if label_codes is not None else labels)]
+        stray = [c for c in codes if c not in labels and c != unlabeled_category]
+        if stray:
+            raise ValueError(f"label categories {stray} are neither known labels {labels} "
+                             f"nor the unlabeled category {unlabeled_category!r}")
+        self.labels = labels
+        self.label_codes = codes
+        self.unlabeled_category = unlabeled_category
+        self.classification_weight = float(classification_weight)
+        self.register_buffer("code_to_class", torch.tensor(
+            [labels.index(c) if c in labels else -1 for c in codes], dtype=torch.long))
+        self.register_buffer("calibration_temperature", torch.tensor(1.0))
+
+    def config(self) -> dict[str, Any]:
+        return {"labels": self.labels, "label_codes": self.label_codes,
+                "unlabeled_category": self.unlabeled_category,
+                "classification_weight": self.classification_weight,
+                "learn_weights": self.learn_weights}
+
+    def _known(self, label: torch.Tensor):
+        """Class index (clamped at 0) and whether it is known, per cell."""
+        cls = self.code_to_class[label]
+        known = cls >= 0
+        return cls.clamp(min=0), known
+
+    # ---- the Pyro sites --------------------------------------------------------
+    def model(self, n_latent: int, label: torch.Tensor | None = None) -> torch.Tensor:
+        if label is None:  # no labels given: every cell's label is unknown
+            return super().model(n_latent)
+        cls, known = self._known(label)
+        logits = torch.where(known.unsqueeze(-1), torch.zeros_like(self.weight_logits),
+                             self.weight_logits)
+        y = pyro.sample("y", dist.Categorical(logits=logits))  # (K, 1) under enumeration
+        pyro.sample("y_known", dist.Categorical(logits=self.weight_logits).mask(known), obs=cls)
+        y = torch.where(known, cls, y)
+        return pyro.sample("z", dist.Normal(self.locs[y], self.scales[y]).to_event(1))
+
+    def guide(self, encoder: Encoder, x: torch.Tensor, label: torch.Tensor | None = None) -> torch.Tensor:
+        if label is None:
+            return super().guide(encoder, x)
+        h = encoder.body(x)
+        logits = self.classifier(h)
+        cls, known = self._known(label)
+        q_logits = torch.where(known.unsqueeze(-1), torch.zeros_like(logits), logits)
+        pyro.sample("y", dist.Categorical(logits=q_logits), infer={"enumerate": "parallel"})
+        if self.classification_weight > 0:  # in the guide: -log q enters the ELBO, hence the sign
+            log_q = logits.log_softmax(-1).gather(-1, cls.unsqueeze(-1)).squeeze(-1)
+            pyro.factor("classification", -self.classification_weight * log_q * known,
+                        has_rsample=False)
+        loc, scale = encoder.loc(h), encoder.to_scale(encoder.scale(h))
+        return pyro.sample("z", dist.Normal(loc, scale).to_event(1))
+
+    def initialize(self, latent: torch.Tensor, x: torch.Tensor) -> None:
+        self.initialized.fill_(True)  # the labelled cells place the components
+
+    # ---- summaries of q --------------------------------------------------------
+    def label_logits(self, encoder: Encoder, x: torch.Tensor) -> torch.Tensor:
+        """``c(h)``, the classifier's logits before temperature scaling."""
+        return self.classifier(encoder.body(x))
+
+    def cluster_probs(self, encoder: Encoder, x: torch.Tensor, n_samples: int = 32) -> torch.Tensor:
+        return (self.label_logits(encoder, x) / self.calibration_temperature).softmax(-1)
+
+
+def labels_prior(covariates: "CovariateSpec", *, unlabeled_category: str = "Unknown",
+                 classification_weight: float = 50.0) -> SemiSupervised:
+    """The :class:`SemiSupervised` prior for a model's labels column: its known labels
+    are the column's categories but ``unlabeled_category``."""
+    if not covariates.labels_key:
+        raise ValueError("the 'labels' prior needs labels_key, the adata.obs column of the labels")
+    codes = list(covariates.labels)
+    known = [c for c in codes if c != unlabeled_category]
+    if len(known) == len(codes):
+        warnings.warn(f"no cell of adata.obs[{covariates.labels_key!r}] is {unlabeled_category!r}: "
+                      "every cell is labelled", UserWarning, stacklevel=3)
+    return SemiSupervised(known, label_codes=codes, unlabeled_category=unlabeled_category,
+                          classification_weight=classification_weight)
+
+
+def with_labels_column(covariates: "CovariateSpec", obs: pd.DataFrame, labels_key: str) -> "CovariateSpec":
+    """``covariates`` that also read ``labels_key`` (for a model fitted without labels
+    that switches to the ``"labels"`` prior); refused when it reads another labels column."""
+    import dataclasses
+
+    from .data import CovariateSpec
+
+    if covariates.labels_key not in (None, labels_key):
+        raise ValueError(f"this model reads its labels from adata.obs[{covariates.labels_key!r}], "
+                         f"not {labels_key!r}")
+    labels = CovariateSpec.from_obs(obs, labels_key=labels_key).labels
+    return dataclasses.replace(covariates, labels_key=labels_key, labels=labels)
+
+
+def hide_labels(adata: "ad.AnnData", labels_key: str, unlabeled_category: str, fraction: float,
+                seed: int) -> tuple["ad.AnnData", tuple["ad.AnnData", np.ndarray]]:
+    """``(adata, (training, held))``: ``training`` shares ``adata``'s counts, its labels
+    column says ``unlabeled_category`` for the ``held`` labelled cells (a share
+    ``fraction`` of them, drawn by ``numpy.random.default_rng(seed)``)."""
+    import anndata as ad
+
+    if not 0 < fraction < 1:
+        raise ValueError(f"calibration_fraction must lie in (0, 1), got {fraction}")
+    if not isinstance(adata, ad.AnnData):
+        raise TypeError("calibration_fraction needs an AnnData in memory")
+    values = adata.obs[labels_key].astype(str).to_numpy()
+    known = np.flatnonzero(values != unlabeled_category)
+    n = int(round(fraction * len(known)))
+    if n < 1 or n == len(known):
+        raise ValueError(f"calibration_fraction={fraction} of {len(known)} labelled cells "
+                         "leaves no cell to calibrate on or none to train on")
+    held = np.zeros(adata.n_obs, dtype=bool)
+    held[np.random.default_rng(seed).choice(known, size=n, replace=False)] = True
+    obs = adata.obs.copy()
+    column = obs[labels_key].astype(str)
+    column[held] = unlabeled_category
+    obs[labels_key] = pd.Categorical(column, categories=sorted(set(values)))
+    layers = dict(adata.layers) if len(adata.layers) else None
+    training = ad.AnnData(X=adata.X, obs=obs, var=adata.var[[]], layers=layers)
+    return adata, (training, held)
+
+
+def _require(model: "VAE") -> SemiSupervised:
+    if not isinstance(model.prior, SemiSupervised):
+        raise ValueError(f"this model's prior is {model.prior.name!r}; label prediction needs "
+                         "the 'labels' prior (pyrovae.fit(..., labels_key=..., unlabeled_category=...))")
+    return model.prior
+
+
+def _with_label_column(model: "VAE", adata: "ad.AnnData") -> "ad.AnnData":
+    """``adata``, or a light copy whose labels column says every cell is unlabelled when
+    it has no such column (a query data set)."""
+    import anndata as ad
+
+    prior = _require(model)
+    key = model.covariates.labels_key
+    if key in adata.obs:
+        return adata
+    obs = adata.obs.copy()
+    obs[key] = prior.unlabeled_category
+    layers = {model.layer: adata.layers[model.layer]} if model.layer else None
+    return ad.AnnData(X=adata.X, obs=obs, var=adata.var[[]], layers=layers)
+
+
+def predict(model: "VAE", adata: "ad.AnnData", *, soft: bool = False,
+            batch_size: int = 1024) -> pd.Series | pd.DataFrame:
+    """The label of each cell by ``argmax q(y | x)``, or ``q(y | x)`` itself.
+
+    Parameters
+    ----------
+    model
+        A model with the ``"labels"`` prior.
+    adata
+        Cells with the model's genes (a labels column is not needed).
+    soft
+        Return the probabilities, a ``(cells, labels)`` DataFrame, instead of the labels.
+    batch_size
+        Cells per forward pass.
+
+    Returns
+    -------
+    A categorical Series of labels indexed by ``adata.obs_names`` (``soft=False``) or a
+    DataFrame of probabilities with the labels as columns (``soft=True``); the
+    probabilities are temperature-scaled when :func:`calibrate` was run.
+    """
+    prior = _require(model)
+    probs = model.get_cluster_probs(_with_label_column(model, adata), batch_size=batch_size)
+    index = pd.Index(adata.obs_names)
+    if soft:
+        return pd.DataFrame(probs, index=index, columns=prior.labels)
+    return pd.Series(pd.Categorical.from_codes(probs.argmax(1), categories=prior.labels),
+                     index=index, name="pyrovae_label")
+
+
+def novelty(model: "VAE", adata: "ad.AnnData", *,
+            score: Literal["entropy", "max_probability"] = "entropy") -> pd.Series:
+    """How unlike every known label each cell looks: the entropy of ``q(y | x)``
+    divided by ``log K`` (0: certain, 1: uniform), or ``1 - max_k q(k | x)``. Higher means
+    more likely a type missing from the labels."""
+    if score not in ("entropy", "max_probability"):
+        raise ValueError(f"score must be 'entropy' or 'max_probability', got {score!r}")
+    probs = predict(model, adata, soft=True).to_numpy()
+    if score == "entropy":
+        values = -(probs * np.log(np.clip(probs, 1e-12, None))).sum(1) / math.log(probs.shape[1])
+    else:
+        values = 1.0 - probs.max(1)
+    return pd.Series(values, index=pd.Index(adata.obs_names), name=f"pyrovae_novelty_{score}")
+
+
+def calibrate(model: "VAE", adata: "ad.AnnData", *, labels_key: str | None = None,
+              steps: int = 200) -> float:
+    """Temperature scaling: the ``T`` minimising the negative log-likelihood of the known
+    labels of ``adata`` (cells held out from training) under ``softmax(c(h) / T)``; sets it
+    on the model and returns it. Accuracy does not change (``argmax`` is the same).
+
+    Parameters
+    ----------
+    model
+        A model with the ``"labels"`` prior; changed in place.
+    adata
+        Labelled cells; those whose label is the unlabeled category are ignored.
+    labels_key
+        Column of the labels; the model's labels column by default.
+    steps
+        L-BFGS iterations on ``log T``.
+    """
+    prior = _require(model)
+    key = labels_key or model.covariates.labels_key
+    values = adata.obs[key].astype(str).to_numpy()
+    known = np.isin(values, prior.labels)
+    if known.sum() == 0:
+        raise ValueError(f"no cell of adata.obs[{key!r}] has a known label {prior.labels}")
+    target = torch.tensor([prior.labels.index(v) for v in values[known]])
+    logits = torch.as_tensor(model._map(_with_label_column(model, adata[known]),
+                                        lambda enc, x: prior.label_logits(enc, x), 1024)).double()
+    log_t = torch.zeros((), dtype=torch.float64, requires_grad=True)
+    optimizer = torch.optim.LBFGS([log_t], lr=0.5, max_iter=steps)
+
+    def closure():
+        optimizer.zero_grad()
+        loss = F.cross_entropy(logits / log_t.exp(), target)
+        loss.backward()
+        return loss
+
+    with torch.enable_grad():
+        optimizer.step(closure)
+    temperature = float(log_t.detach().exp())
+    prior.calibration_temperature.fill_(temperature)
+    return temperature

@@ -1,0 +1,191 @@
+"""Query mapping (scArches, Lotfollahi et al. 2022): a trained reference model extended to
+the new batches of a query data set, with the reference's weights frozen.
+
+The query's batches become new categories of the reference's batch covariate. The new
+model has the reference's encoder, decoder and prior (a labels model keeps its
+classifier); the only trainable parameters are the columns of the first encoder and
+decoder layers (and of a latent-library encoder) that read the new batches' one-hot
+inputs, and the per-batch gene parameters of the new batches. Batch-norm layers keep the
+reference's statistics (they run in evaluation mode). The reference model is not changed.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import warnings
+from typing import TYPE_CHECKING
+
+import numpy as np
+import pandas as pd
+import torch
+from torch import nn
+
+if TYPE_CHECKING:
+    import anndata as ad
+
+    from .vae import VAE
+
+__all__ = ["map_query"]
+
+
+def _match_genes(reference: "VAE", query: "ad.AnnData") -> "ad.AnnData":
+    """``query`` with the reference's genes in the reference's order: a missing gene is an
+    error; extra genes are dropped with a warning."""
+    names = pd.Index(query.var_names.astype(str))
+    missing = reference.var_names[~reference.var_names.isin(names)]
+    if len(missing):
+        raise ValueError(
+            f"the query lacks {len(missing)} of the reference's {len(reference.var_names)} genes, "
+            f"e.g. {list(missing[:5])}; map_query matches genes by name"
+        )
+    extra = names[~names.isin(reference.var_names)]
+    if len(extra):
+        warnings.warn(f"{len(extra)} query genes are not in the reference (e.g. {list(extra[:3])}) "
+                      "and are dropped", UserWarning, stacklevel=3)
+    if len(extra) or not names.equals(pd.Index(reference.var_names.astype(str))):
+        return query[:, reference.var_names].copy()
+    return query
+
+
+def _frozen_batch_norm(module: nn.Module) -> None:
+    """Every batch-norm layer of ``module`` in evaluation mode at each call (the
+    reference's running statistics, never updated)."""
+    for layer in module.modules():
+        if isinstance(layer, nn.modules.batchnorm._BatchNorm):
+            layer.register_forward_pre_hook(_evaluation_mode)
+
+
+def _evaluation_mode(layer: nn.Module, inputs) -> None:
+    layer.train(False)
+
+
+def map_query(
+    reference: "VAE",
+    query: "ad.AnnData",
+    *,
+    batch_key: str | None = None,
+    max_epochs: int = 50,
+    lr: float = 1e-2,
+    batch_size: int = 128,
+    seed: int = 0,
+    progress: bool = False,
+) -> "VAE":
+    """A new model for ``query``: the reference extended with the query's batches and
+    trained on the query with the reference's weights frozen (see the module docstring).
+
+    Parameters
+    ----------
+    reference
+        A fitted model with a batch covariate (``fit(..., batch_key=...)``); not changed.
+    query
+        Counts with the reference's genes (matched by name; extra genes dropped with a
+        warning), its batches in ``obs[batch_key]``; a labels column is not needed.
+    batch_key
+        The query's batch column; the reference's by default. Categories the reference
+        knows keep its weights; the others are new.
+    max_epochs, lr, batch_size, seed, progress
+        Training of the new batches' parameters (no weight decay, KL at full weight).
+
+    Returns
+    -------
+    The new :class:`pyrovae.VAE`; use ``get_latent(query)`` and, for a labels model,
+    ``predict(query)``.
+
+    Raises
+    ------
+    ValueError
+        The reference has no batch covariate, the query lacks genes or its batch column.
+    """
+    from .train import TrainingPlan
+    from .vae import VAE
+
+    spec = reference.covariates
+    if not spec.batch_key:
+        raise ValueError("map_query needs a reference fitted with batch_key: the query's "
+                         "batches become new categories of that covariate")
+    key = batch_key or spec.batch_key
+    if key not in query.obs:
+        raise ValueError(f"the query has no batch column adata.obs[{key!r}]")
+    query = _match_genes(reference, query)
+    old_batches = list(spec.categorical[spec.batch_key])
+    query_batches = pd.Index(query.obs[key].astype(str).unique())
+    new = [b for b in sorted(query_batches) if b not in old_batches]
+    obs = query.obs.copy()
+    obs[spec.batch_key] = query.obs[key].astype(str)
+    if spec.labels_key and spec.labels_key not in obs:
+        unknown = getattr(reference.prior, "unlabeled_category", spec.labels[0])
+        obs[spec.labels_key] = unknown
+    for name in spec.categorical:
+        if name != spec.batch_key and name not in obs:
+            raise ValueError(f"the query has no covariate column adata.obs[{name!r}]")
+    import anndata as ad
+
+    layers = {reference.layer: query.layers[reference.layer]} if reference.layer else None
+    query = ad.AnnData(X=query.X, obs=obs, var=query.var[[]], layers=layers)
+
+    categorical = dict(spec.categorical)
+    categorical[spec.batch_key] = old_batches + new
+    new_spec = dataclasses.replace(spec, categorical=categorical)
+    prior = copy.deepcopy(reference.prior)
+    prior.__dict__.pop("_owner", None)
+    cov = reference.module.cov
+    model = VAE(reference.var_names, likelihood=reference.likelihood.name, prior=prior,
+                architecture=reference.architecture, layer=reference.layer, covariates=new_spec,
+                library=cov.library, dispersion=cov.dispersion, seed=seed)
+    n_old, n_new = len(old_batches), len(new)
+    old_state = reference.module.state_dict()
+    state = model.module.state_dict()
+    trainable: dict[str, torch.Tensor] = {}  # name -> mask of its trainable entries
+    for name, value in state.items():
+        old = old_state[name]
+        if old.shape == value.shape:
+            state[name] = old.clone()
+            continue
+        if value.shape[0] == old.shape[0] + n_new and value.shape[1:] == old.shape[1:]:
+            rows = torch.zeros(value.shape, dtype=torch.bool)
+            rows[n_old:] = True  # per-batch rows: the new batches at the end
+            merged = value.clone()
+            merged[:n_old] = old
+            state[name], trainable[name] = merged, rows
+        elif value.ndim == 2 and value.shape[1] == old.shape[1] + n_new:
+            start = old.shape[1] - spec.n_covariates + n_old  # first column of the new batches
+            merged = torch.zeros_like(value)
+            merged[:, :start] = old[:, :start]
+            merged[:, start + n_new:] = old[:, start:]
+            cols = torch.zeros(value.shape, dtype=torch.bool)
+            cols[:, start:start + n_new] = True
+            state[name], trainable[name] = merged, cols
+        else:
+            raise RuntimeError(f"cannot extend {name} from {tuple(old.shape)} to {tuple(value.shape)}")
+    model.module.load_state_dict(state)
+    _fit_library(model, query, new)
+    params = dict(model.module.named_parameters())
+    for name, param in params.items():
+        mask = trainable.get(name)
+        param.requires_grad_(mask is not None)
+        if mask is not None:
+            param.register_hook(lambda grad, m=mask.to(param.device): grad * m)
+    _frozen_batch_norm(model.module)
+    model.history = reference.history.copy()
+    plan = TrainingPlan(max_epochs=max_epochs, lr=lr, batch_size=batch_size, weight_decay=0.0,
+                        kl_warmup_epochs=0, seed=seed, progress=progress, early_stopping=False,
+                        validation_fraction=0.0, device=str(reference.device))
+    model.train(query, plan)
+    return model
+
+
+def _fit_library(model: "VAE", query: "ad.AnnData", new: list[str]) -> None:
+    """The log-normal library prior of each new batch from its cells' total counts."""
+    if not new:
+        return
+    data = model._read(query)
+    logs = np.log(np.clip(data.totals(), 1, None))
+    batches = data.encoded.batch
+    names = model.covariates.categorical[model.covariates.batch_key]
+    library = model.module.model
+    for b in new:
+        code = names.index(b)
+        mine = logs[batches == code]
+        library.library_loc[code] = float(mine.mean())
+        library.library_scale[code] = float(max(mine.std(), 1e-3))

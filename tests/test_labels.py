@@ -1,0 +1,256 @@
+"""The semi-supervised 'labels' prior, label prediction, novelty, calibration and ECE."""
+
+import numpy as np
+import pandas as pd
+import pyro
+import pytest
+import torch
+from pyro import poutine
+from pyro.infer import TraceEnum_ELBO
+
+import pyrovae
+from pyrovae.labels import SemiSupervised
+from pyrovae.metrics import expected_calibration_error, reliability_table
+
+
+def labelled(adata, fraction=0.2, seed=0, key="lab"):
+    rng = np.random.default_rng(seed)
+    values = adata.obs["cluster"].astype(str).to_numpy().copy()
+    known = rng.random(len(values)) < fraction
+    values[~known] = "Unknown"
+    adata.obs[key] = pd.Categorical(values)
+    return known
+
+
+@pytest.fixture
+def fitted(small, quick):
+    known = labelled(small)
+    model = pyrovae.fit(small, labels_key="lab", unlabeled_category="Unknown", **quick)
+    return model, small, known
+
+
+def test_fit_writes_labels_and_predict_shapes(fitted):
+    model, adata, _ = fitted
+    assert isinstance(model.prior, SemiSupervised)
+    assert model.prior.labels == ["0", "1", "2", "3"]
+    hard = model.predict(adata)
+    soft = model.predict(adata, soft=True)
+    assert list(hard.index) == list(adata.obs_names) and list(soft.columns) == ["0", "1", "2", "3"]
+    assert soft.shape == (adata.n_obs, 4)
+    np.testing.assert_allclose(soft.sum(1), 1.0, rtol=1e-5)
+    assert (hard.astype(str).to_numpy() == soft.columns[soft.to_numpy().argmax(1)]).all()
+    assert (adata.obs["pyrovae_label"].astype(str).to_numpy() == hard.astype(str).to_numpy()).all()
+    np.testing.assert_allclose(adata.obsm["pyrovae_label_probabilities"].to_numpy(), soft.to_numpy(), rtol=1e-5)
+    # a query without the labels column is predicted too
+    query = adata.copy()
+    del query.obs["lab"]
+    pd.testing.assert_frame_equal(model.predict(query, soft=True), soft)
+
+
+def test_labelled_cells_observe_y_and_sites_match(fitted):
+    model, adata, known = fitted
+    args = model.model_args(adata, indices=np.arange(40))
+    guide = poutine.trace(model.guide).get_trace(*args)
+    trace = poutine.trace(poutine.replay(model.model, guide)).get_trace(*args)
+    site = trace.nodes["y_known"]
+    assert site["is_observed"]
+    cls = model.prior.code_to_class[args[4]]
+    assert ((cls >= 0).numpy() == known[:40]).all()
+    np.testing.assert_array_equal(site["value"][cls >= 0].numpy(), cls[cls >= 0].numpy())
+    pyro.util.check_model_guide_match(trace, guide, max_plate_nesting=1)
+    # a labelled cell's z follows its own label's component, whatever the enumerated y
+    assert set(guide.nodes) >= {"y", "z", "classification"}
+
+
+def test_enumerated_loss_is_the_explicit_sum_over_labels(fitted):
+    """For unlabelled cells, TraceEnum_ELBO = sum_k q(k|x)[log p(x,z,k) - log q(z|x) - log q(k|x)]."""
+    model, adata, known = fitted
+    cells = np.flatnonzero(~known)[:30]
+    args = model.model_args(adata, indices=cells)
+    args = args[:-2] + (torch.arange(len(cells)), len(cells))
+    model.module.eval()
+    with torch.no_grad(), pyro.validation_enabled(False):
+        torch.manual_seed(3)
+        loss = TraceEnum_ELBO(max_plate_nesting=1).loss(model.model, model.guide, *args)
+        x, _, covariates = args[:3]
+        inputs = model.module.guide.encoder_input(x, covariates)
+        log_q_y = model.prior.label_logits(model.module.guide.encoder, inputs).log_softmax(-1)
+        total = 0.0
+        for k in range(4):
+            torch.manual_seed(3)
+            y = {"y": torch.full((len(cells),), k)}
+            guide = poutine.trace(poutine.condition(model.guide, data=y)).get_trace(*args)
+            fixed = poutine.condition(model.model, data=y)
+            trace = poutine.trace(poutine.replay(fixed, guide)).get_trace(*args)
+            trace.compute_log_prob()
+            guide.compute_log_prob()
+            log_p = sum(trace.nodes[s]["log_prob"] for s in ("y", "z", "x"))
+            log_qz = guide.nodes["z"]["log_prob"]
+            total = total + (log_q_y[:, k].exp() * (log_p - log_qz - log_q_y[:, k])).sum()
+    np.testing.assert_allclose(loss, -float(total), rtol=1e-4)
+
+
+def test_learns_labels_on_simulated_data(small):
+    known = labelled(small, fraction=0.1, seed=1)
+    model = pyrovae.fit(small, labels_key="lab", unlabeled_category="Unknown", max_epochs=40,
+                        kl_warmup_epochs=20, progress=False, seed=0)
+    pred = model.predict(small).astype(str).to_numpy()
+    truth = small.obs["cluster"].astype(str).to_numpy()
+    assert (pred[~known] == truth[~known]).mean() > 0.9
+
+
+def test_ece_by_hand():
+    probs = np.array([[0.9, 0.1], [0.8, 0.2], [0.3, 0.7], [0.4, 0.6]])
+    truth = np.array([0, 1, 1, 1])
+    # bins of width 1/15: 0.9 -> (0.867, 0.933], 0.8 -> (0.733, 0.8], 0.7, 0.6 in their own
+    # accuracies 1, 0, 1, 1 against confidences 0.9, 0.8, 0.7, 0.6
+    expected = (0.1 + 0.8 + 0.3 + 0.4) / 4
+    assert expected_calibration_error(probs, truth) == pytest.approx(expected)
+    table = reliability_table(probs, truth)
+    assert len(table) == 15 and table["n_cells"].sum() == 4
+    frame = pd.DataFrame(probs, columns=["a", "b"])
+    assert expected_calibration_error(frame, ["a", "b", "b", "b"]) == pytest.approx(expected)
+    with pytest.raises(ValueError, match="not among the classes"):
+        expected_calibration_error(frame, ["a", "b", "c", "b"])
+
+
+def test_calibration_lowers_nll_and_keeps_predictions(fitted):
+    model, adata, known = fitted
+    held = adata[known].copy()
+    truth = held.obs["cluster"].astype(str).to_numpy()
+
+    def nll():
+        soft = model.predict(held, soft=True)
+        p = soft.to_numpy()[np.arange(len(truth)), [soft.columns.get_loc(t) for t in truth]]
+        return -np.log(p).mean()
+
+    before, labels_before = nll(), model.predict(held).to_numpy()
+    temperature = model.calibrate(held)
+    assert temperature > 0 and temperature != 1.0
+    assert nll() <= before + 1e-9
+    assert (model.predict(held).to_numpy() == labels_before).all()
+
+
+def test_novelty_scores(fitted):
+    model, adata, _ = fitted
+    entropy = model.novelty(adata)
+    top = model.novelty(adata, score="max_probability")
+    soft = model.predict(adata, soft=True).to_numpy()
+    np.testing.assert_allclose(top.to_numpy(), 1 - soft.max(1), rtol=1e-6)
+    assert ((entropy >= -1e-9) & (entropy <= 1 + 1e-9)).all()
+
+
+def test_save_load_round_trip(fitted, tmp_path):
+    model, adata, known = fitted
+    model.calibrate(adata[known].copy())
+    model.save(tmp_path / "m.pt")
+    back = pyrovae.load(tmp_path / "m.pt")
+    assert isinstance(back.prior, SemiSupervised)
+    pd.testing.assert_frame_equal(back.predict(adata, soft=True), model.predict(adata, soft=True))
+
+
+def test_errors_name_the_problem(small, quick):
+    labelled(small)
+    with pytest.raises(ValueError, match="labels_key"):
+        pyrovae.fit(small, prior="labels", **quick)
+    with pytest.raises(ValueError, match="neither known labels"):
+        SemiSupervised(["a", "b"], label_codes=["a", "b", "c"])
+    plain = pyrovae.fit(small, **quick)
+    with pytest.raises(ValueError, match="'labels' prior"):
+        plain.predict(small)
+
+
+def test_set_prior_labels_on_a_fitted_unsupervised_model(small, quick):
+    known = labelled(small, fraction=0.2)
+    plain = pyrovae.fit(small, **quick)
+    decoder = {k: v.clone() for k, v in plain.module.model.decoder.state_dict().items()}
+    model = plain.set_prior("labels", small, labels_key="lab")
+    assert isinstance(model.prior, SemiSupervised) and model.covariates.labels_key == "lab"
+    for k, v in model.module.model.decoder.state_dict().items():
+        torch.testing.assert_close(v, decoder[k])
+    model.train(small, max_epochs=2, progress=False)
+    assert model.predict(small, soft=True).shape == (small.n_obs, 4)
+    with pytest.raises(ValueError, match="labels_key"):
+        pyrovae.fit(small, **quick).set_prior("labels", small)
+
+
+@pytest.fixture(scope="module")
+def reference_and_query():
+    adata = pyrovae.datasets.simulate(400, 60, 4, likelihood="nb", separation=3.0, seed=2, n_batches=3)
+    labelled(adata, fraction=0.3)
+    ref = adata[adata.obs["batch"] != "b2"].copy()
+    query = adata[adata.obs["batch"] == "b2"].copy()
+    ref.obs["batch"] = ref.obs["batch"].astype(str)
+    reference = pyrovae.fit(ref, batch_key="batch", labels_key="lab", unlabeled_category="Unknown",
+                            max_epochs=3, progress=False, seed=0)
+    return reference, ref, query
+
+
+def test_map_query_leaves_reference_unchanged_and_freezes_weights(reference_and_query):
+    reference, ref, query = reference_and_query
+    before = {k: v.clone() for k, v in reference.module.state_dict().items()}
+    del query.obs["lab"]
+    mapped = reference.map_query(query, max_epochs=3)
+    for k, v in reference.module.state_dict().items():
+        assert torch.equal(v, before[k]), k
+    after = mapped.module.state_dict()
+    # frozen: every weight that exists in the reference with the same shape is unchanged
+    for k, v in before.items():
+        if after[k].shape == v.shape:
+            assert torch.equal(after[k], v), k
+    # the first encoder layer: old columns unchanged, the new batch's column trained
+    name = next(k for k in after if after[k].shape != before[k].shape and k.startswith("guide.encoder"))
+    old, new = before[name], after[name]
+    n_genes = len(reference.var_names)
+    torch.testing.assert_close(new[:, :n_genes + 2], old[:, :n_genes + 2], rtol=0, atol=0)
+    assert new[:, n_genes + 2].abs().sum() > 0
+    assert mapped.covariates.categorical["batch"] == ["b0", "b1", "b2"]
+    query.obs["lab"] = "Unknown"
+    assert mapped.get_latent(query).shape == (query.n_obs, reference.n_latent)
+    assert mapped.predict(query).shape == (query.n_obs,)
+
+
+def test_map_query_genes_are_matched_by_name(reference_and_query):
+    reference, _, query = reference_and_query
+    with pytest.raises(ValueError, match="lacks 1 of the reference's"):
+        reference.map_query(query[:, 1:].copy(), max_epochs=1)
+    extra = query.copy()
+    extra.var_names = list(query.var_names[:-1]) + ["not_a_reference_gene"]
+    with pytest.raises(ValueError, match="lacks"):
+        reference.map_query(extra, max_epochs=1)
+    import anndata as ad
+    import scipy.sparse as sp
+
+    wider = ad.concat([query, ad.AnnData(sp.csr_matrix((query.n_obs, 1), dtype=np.float32),
+                                         obs=query.obs, var=pd.DataFrame(index=["extra"]))],
+                      axis=1, merge="first")
+    wider.obs = query.obs.copy()
+    wider = wider[:, ::-1].copy()  # another order too
+    with pytest.warns(UserWarning, match="1 query genes are not in the reference"):
+        mapped = reference.map_query(wider, max_epochs=1)
+    assert list(mapped.var_names) == list(reference.var_names)
+
+
+def test_map_query_needs_a_batch_covariate(fitted):
+    model, adata, _ = fitted
+    with pytest.raises(ValueError, match="batch_key"):
+        model.map_query(adata)
+
+
+def test_fit_calibration_fraction_hides_and_calibrates(small, quick):
+    labelled(small, fraction=0.3)
+    before = small.obs["lab"].copy()
+    model = pyrovae.fit(small, labels_key="lab", unlabeled_category="Unknown",
+                        calibration_fraction=0.3, **quick)
+    assert float(model.prior.calibration_temperature) != 1.0
+    pd.testing.assert_series_equal(small.obs["lab"], before)  # the user's labels are untouched
+    with pytest.raises(ValueError, match="calibration_fraction"):
+        pyrovae.fit(small, labels_key="lab", unlabeled_category="Unknown", calibration_fraction=1.5, **quick)
+
+
+def test_labels_benchmark_runs_with_a_tiny_budget():
+    from benchmarks import labels as bench
+
+    table = bench.main(["--data", "pbmc68k", "--max-epochs", "2"])
+    assert set(table["method"]) == {"pyrovae", "knn"}
+    assert table[["accuracy", "balanced_accuracy", "ece"]].notna().all().all()
