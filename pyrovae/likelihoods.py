@@ -351,6 +351,18 @@ class ZeroInflatedNegativeBinomial2(dist.TorchDistribution):
     ``lgamma`` calls, the costliest element-wise operations of the step, run once per cell
     instead of once per cell and cluster. A per-cell ``theta`` (``dispersion="gene-cell"``)
     has the cluster dimension too, and the fused form then costs what the composed one does.
+
+    Examples
+    --------
+    >>> import torch
+    >>> import pyro.distributions as dist
+    >>> from pyrovae.likelihoods import NegativeBinomial2, ZeroInflatedNegativeBinomial2
+    >>> log_mu, log_theta, gate = torch.tensor([0.0]), torch.tensor([2.0]).log(), torch.tensor([0.0])
+    >>> x = torch.tensor([0.0, 3.0])
+    >>> ZeroInflatedNegativeBinomial2(log_mu, log_theta, gate).log_prob(x)
+    tensor([-0.3254, -3.4136])
+    >>> dist.ZeroInflatedDistribution(NegativeBinomial2(log_mu, log_theta), gate_logits=gate).log_prob(x)
+    tensor([-0.3254, -3.4136])
     """
 
     arg_constraints = {

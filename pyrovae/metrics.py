@@ -395,6 +395,18 @@ def reliability_table(probs, labels_true, *, n_bins: int = 15) -> pd.DataFrame:
     -------
     One row per bin: ``lower``, ``upper``, ``n_cells``, mean ``confidence`` and
     ``accuracy`` (NaN in empty bins).
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from pyrovae.metrics import reliability_table
+    >>> probs = np.array([[0.9, 0.1], [0.6, 0.4], [0.2, 0.8], [0.3, 0.7]])
+    >>> table = reliability_table(probs, [0, 1, 1, 1], n_bins=5)
+    >>> table[["n_cells", "confidence", "accuracy"]].tail(3)
+       n_cells  confidence  accuracy
+    2        1        0.60       0.0
+    3        2        0.75       1.0
+    4        1        0.90       1.0
     """
     if isinstance(probs, pd.DataFrame):
         classes = np.asarray(probs.columns.astype(str))
@@ -426,7 +438,16 @@ def reliability_table(probs, labels_true, *, n_bins: int = 15) -> pd.DataFrame:
 
 def expected_calibration_error(probs, labels_true, *, n_bins: int = 15) -> float:
     """ECE (Guo et al. 2017): ``sum_b (n_b / n) |accuracy_b - confidence_b|`` over the
-    equal-width confidence bins of :func:`reliability_table` (15 by default)."""
+    equal-width confidence bins of :func:`reliability_table` (15 by default).
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from pyrovae.metrics import expected_calibration_error
+    >>> probs = np.array([[0.9, 0.1], [0.6, 0.4], [0.2, 0.8], [0.3, 0.7]])
+    >>> round(expected_calibration_error(probs, [0, 1, 1, 1], n_bins=5), 3)  # (0.6 + 2 * 0.25 + 0.1) / 4
+    0.3
+    """
     table = reliability_table(probs, labels_true, n_bins=n_bins)
     full = table[table["n_cells"] > 0]
     weights = full["n_cells"] / full["n_cells"].sum()

@@ -100,6 +100,11 @@ def _batch(likelihood: Likelihood, n_cells: int, n_genes: int, seed: int):
     return x, x.sum(-1, keepdim=True)
 
 
+# pyrovae's priors whose size comes from the data (a K chosen by fit, the labels of a
+# column) are checked, given by name, at a small size
+_SMALL = {"gmm": {"n_clusters": 3}, "labels": {"labels": ["a", "b", "c"]}}
+
+
 def check_components(prior: str | Prior = "normal", likelihood: str | Likelihood = "nb", *,
                      n_cells: int = 8, n_genes: int = 12, seed: int = 0) -> float:
     """Check that a prior and a likelihood make a valid Pyro model and guide that train.
@@ -118,7 +123,8 @@ def check_components(prior: str | Prior = "normal", likelihood: str | Likelihood
     ----------
     prior
         A :class:`~pyrovae.priors.Prior` (copied, so the object stays unused) or a name in
-        :data:`pyrovae.priors.PRIORS`.
+        :data:`pyrovae.priors.PRIORS` (``"gmm"`` with 3 components, ``"labels"`` with 3
+        labels: sizes that :func:`pyrovae.fit` would take from the data).
     likelihood
         A name in :data:`pyrovae.likelihoods.LIKELIHOODS` or a
         :class:`~pyrovae.likelihoods.Likelihood`.
@@ -142,7 +148,7 @@ def check_components(prior: str | Prior = "normal", likelihood: str | Likelihood
     >>> loss > 0
     True
     """
-    prior = copy.deepcopy(prior) if isinstance(prior, Prior) else get_prior(prior)
+    prior = copy.deepcopy(prior) if isinstance(prior, Prior) else get_prior(prior, **_SMALL.get(prior, {}))
     likelihood = get_likelihood(likelihood) if isinstance(likelihood, str) else likelihood
     x, library = _batch(likelihood, n_cells, n_genes, seed)
     args = (x, library, None, None, None, torch.arange(n_cells), n_cells, 1.0)
