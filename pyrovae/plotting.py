@@ -410,7 +410,7 @@ def plot_reliability(table: pd.DataFrame, *, ax=None, label: str | None = None,
     >>> probs = np.array([[0.9, 0.1], [0.6, 0.4], [0.2, 0.8], [0.3, 0.7]])
     >>> fig = plot_reliability(reliability_table(probs, [0, 1, 1, 1], n_bins=5), label="q(y | x)")
     >>> fig.axes[0].get_xlabel()
-    'confidence'
+    'confidence (max probability)'
     """
     import matplotlib.pyplot as plt
 
