@@ -82,19 +82,29 @@ def gradient_variance(model: pyrovae.VAE, adata, n_replicates: int = 64, seed: i
     return float(grads.var(0).sum() / grads.mean(0).pow(2).sum())
 
 
-def run(name: str, adata, seed: int, n_clusters: list[int] | None = None,
-        init: str | None = None, max_epochs: int | None = None,
-        label_key: str = "cell_type") -> list[dict]:
+def _split(adata, label_key: str):
+    """The labels, and the same 90 % / 10 % train / test split of the cells for every run."""
     labels = adata.obs[label_key].astype(str).to_numpy()
     perm = np.random.default_rng(0).permutation(adata.n_obs)
     n_test = adata.n_obs // 10
-    train, test = adata[np.sort(perm[n_test:])].copy(), adata[np.sort(perm[:n_test])].copy()
-    rows = []
+    return labels, adata[np.sort(perm[n_test:])].copy(), adata[np.sort(perm[:n_test])].copy()
 
+
+def _reporter(rows: list[dict]):
+    """A function that keeps a result row and prints it at once."""
     def report(row: dict) -> None:
         rows.append(row)
         print(", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
                         for k, v in row.items()), flush=True)
+    return report
+
+
+def run(name: str, adata, seed: int, n_clusters: list[int] | None = None,
+        init: str | None = None, max_epochs: int | None = None,
+        label_key: str = "cell_type") -> list[dict]:
+    labels, train, test = _split(adata, label_key)
+    rows: list[dict] = []
+    report = _reporter(rows)
 
     def common(model, fitted, seconds: float) -> dict:
         history = model.history
@@ -139,16 +149,9 @@ def run_auto(name: str, adata, seed: int, modes: list[str], max_epochs: int | No
     """The scanpy workflow (standard VAE + Leiden) against the automatic-K mixture."""
     import scanpy as sc
 
-    labels = adata.obs[label_key].astype(str).to_numpy()
-    perm = np.random.default_rng(0).permutation(adata.n_obs)
-    n_test = adata.n_obs // 10
-    train, test = adata[np.sort(perm[n_test:])].copy(), adata[np.sort(perm[:n_test])].copy()
-    rows = []
-
-    def report(row: dict) -> None:
-        rows.append(row)
-        print(", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
-                        for k, v in row.items()), flush=True)
+    labels, train, test = _split(adata, label_key)
+    rows: list[dict] = []
+    report = _reporter(rows)
 
     def scores(clusters) -> dict:
         return {"K": int(len(np.unique(clusters))), "ari": adjusted_rand_score(labels, clusters),
