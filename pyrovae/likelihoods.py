@@ -253,6 +253,12 @@ def get_likelihood(likelihood: str | Likelihood) -> Likelihood:
         ) from None
 
 
+def _count_term(value: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
+    """The part of the negative binomial's log-probability that ``mu`` does not enter:
+    ``lgamma(x + theta) - lgamma(theta) - lgamma(x + 1)``."""
+    return torch.lgamma(value + theta) - torch.lgamma(theta) - torch.lgamma(value + 1)
+
+
 class NegativeBinomial2(dist.GammaPoisson):
     """Negative binomial with mean ``mu = exp(log_mu)`` and inverse dispersion
     ``theta = exp(log_theta)``: ``GammaPoisson(theta, theta / mu)``, ``Var = mu + mu^2 / theta``.
@@ -314,10 +320,7 @@ class NegativeBinomial2(dist.GammaPoisson):
         theta = self.log_theta.exp()
         d = self.log_mu - self.log_theta
         softplus_d = F.softplus(d)
-        return (
-            torch.lgamma(value + theta) - torch.lgamma(theta) - torch.lgamma(value + 1)
-            - theta * softplus_d + value * (d - softplus_d)
-        )
+        return _count_term(value, theta) - theta * softplus_d + value * (d - softplus_d)
 
     @property
     def mean(self) -> torch.Tensor:
@@ -395,8 +398,7 @@ class ZeroInflatedNegativeBinomial2(dist.TorchDistribution):
     def count_term(self, value: torch.Tensor) -> torch.Tensor:
         """``lgamma(x + theta) - lgamma(theta) - lgamma(x + 1)``, at the shape of ``x`` and
         ``theta`` only."""
-        theta = self.log_theta.exp()
-        return torch.lgamma(value + theta) - torch.lgamma(theta) - torch.lgamma(value + 1)
+        return _count_term(value, self.log_theta.exp())
 
     def log_prob(self, value: torch.Tensor) -> torch.Tensor:
         if self._validate_args:
