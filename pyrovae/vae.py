@@ -335,7 +335,9 @@ class VAE:
         call, ``run`` is what its checkpoints say the rest of the run is."""
         if plan.checkpoint is not None:
             checkpoint.check_folder(plan.checkpoint)
-        data = data if data is not None else self._read(adata, for_training=True)
+        # a first training refuses genes without counts; a trained model's genes are set,
+        # and a data set where some are empty (a small query, a subset) is fine to go on with
+        data = data if data is not None else self._read(adata, for_training=not len(self.history))
         warmup_done = self._warmup_done(plan)
         state = state if state is not None else TrainingState()
         on_checkpoint = None

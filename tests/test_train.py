@@ -185,6 +185,21 @@ def test_continued_training_continues_the_warm_up(sim):
     np.testing.assert_allclose(model.history["kl_weight"].iloc[-2:], [0.1, 0.2])
 
 
+def test_a_trained_model_goes_on_with_data_where_some_genes_are_empty(sim):
+    from pyrovae.data import InvalidDataError
+
+    adata = sim.copy()
+    X = adata.X.toarray() if hasattr(adata.X, "toarray") else np.array(adata.X)
+    X[:, 1] = 0  # a small query or subset in which one gene has no counts
+    subset = adata.copy()
+    subset.X = X
+    with pytest.raises(InvalidDataError, match="genes have no counts"):
+        pyrovae.fit(subset.copy(), "nb", max_epochs=1, progress=False)  # a first fit refuses it
+    model = pyrovae.fit(adata, "nb", max_epochs=2, progress=False)
+    model.train(subset, max_epochs=2, progress=False)
+    assert len(model.history) == 4 and np.isfinite(model.history["train_elbo"]).all()
+
+
 def test_the_readme_prior_swap_trains_on_at_full_kl_weight(sim):
     adata = sim.copy()
     model = pyrovae.fit(adata, "nb", max_epochs=4, kl_warmup_epochs=2, progress=False)
