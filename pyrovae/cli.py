@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 from pathlib import Path
 
@@ -61,6 +62,17 @@ class UsageError(Exception):
     """A user error in ``pyrovae fit``: reported in one line, exit code 2."""
 
 
+_OPTIONS = {"max_epochs": "--max-epochs", "batch_size": "--batch-size", "seed": "--seed",
+            "device": "--device", "checkpoint_every": "--checkpoint-every"}
+
+
+def _as_options(message: str) -> str:
+    """A TrainingPlan message with its field names written as this command's options
+    (``max_epochs`` -> ``--max-epochs``); other words (paths) are left as they are."""
+    return re.sub(r"(?<![\w/.-])(" + "|".join(_OPTIONS) + r")(?![\w/.-])",
+                  lambda m: _OPTIONS[m.group(1)], message)
+
+
 def _fit(args: argparse.Namespace) -> int:
     """``pyrovae fit``: every check (options, output paths, the input file) before training."""
     import anndata as ad
@@ -80,7 +92,7 @@ def _fit(args: argparse.Namespace) -> int:
             if path is not None:
                 check_writable(path, option)
     except ValueError as err:
-        raise UsageError(str(err).replace("_", "-") if "must" in str(err) else str(err)) from None
+        raise UsageError(_as_options(str(err))) from None
     if not args.input.is_file():
         raise UsageError(f"{args.input} does not exist" if not args.input.exists()
                          else f"{args.input} is not a file")

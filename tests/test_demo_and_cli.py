@@ -53,6 +53,17 @@ def test_cli_reports_bad_data_without_a_traceback(tmp_path, sim, capsys):
     assert main(["fit", str(tmp_path / "missing.h5ad"), "-o", str(tmp_path / "o.h5ad")]) == 2
 
 
+def test_cli_names_options_as_typed_and_paths_as_given(tmp_path, sim, capsys):
+    sim.write_h5ad(tmp_path / "in.h5ad")
+    assert main(["fit", str(tmp_path / "in.h5ad"), "-o", str(tmp_path / "o.h5ad"),
+                 "--max-epochs", "0"]) == 2
+    assert "--max-epochs" in capsys.readouterr().err
+    folder = tmp_path / "max_epochs_must_stay"  # underscores in a path are not options
+    assert main(["fit", str(tmp_path / "in.h5ad"), "-o", str(folder / "out_file.h5ad")]) == 2
+    err = capsys.readouterr().err
+    assert str(folder / "out_file.h5ad") in err and "does not exist" in err
+
+
 def test_cli_entry_point_runs():
     done = subprocess.run([sys.executable, "-m", "pyrovae", "--help"], capture_output=True, text=True)
     assert done.returncode == 0 and "demo" in done.stdout and "fit" in done.stdout
