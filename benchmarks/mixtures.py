@@ -8,8 +8,10 @@ and (``--auto``) the mixture with K chosen from the data against the scanpy work
 ``--auto``: on the same held-out split, a standard-normal ZINB VAE (``pyrovae.fit``
 defaults), then scanpy's workflow on its latent means of all cells
 (``sc.pp.neighbors(use_rep="X_pyrovae")``, ``sc.tl.leiden`` at resolutions 0.5, 1.0 and 2.0,
-igraph flavour, 2 iterations), against ``pyrovae.fit(prior="gmm", mode=...)`` with no
-``n_clusters`` (K from :func:`pyrovae.priors.stable_leiden`, empty components pruned),
+igraph flavour, 2 iterations), against ``pyrovae.fit(prior=GaussianMixture(mode=...,
+k_rule=...))`` with no ``n_clusters``, for each rule of ``--rules`` (K from the pre-trained
+latent means by :func:`pyrovae.priors.merged_leiden`, plain Leiden at 1.0, or
+:func:`pyrovae.priors.stable_leiden`; empty components pruned),
 scored by ``argmax q(y|x)`` on all cells. Per contender: K, ARI, NMI, the held-out ELBO,
 and the median seconds per epoch (of the mixture stage for the mixtures), all in one run.
 Labels only score; nothing is chosen with them.
@@ -144,8 +146,11 @@ def run(name: str, adata, seed: int, n_clusters: list[int] | None = None,
 LEIDEN_RESOLUTIONS = (0.5, 1.0, 2.0)
 
 
+K_RULES = ["merged_leiden", "leiden", "stable_leiden"]
+
+
 def run_auto(name: str, adata, seed: int, modes: list[str], max_epochs: int | None = None,
-             label_key: str = "cell_type") -> list[dict]:
+             label_key: str = "cell_type", rules: list[str] | None = None) -> list[dict]:
     """The scanpy workflow (standard VAE + Leiden) against the automatic-K mixture."""
     import scanpy as sc
 
@@ -170,19 +175,23 @@ def run_auto(name: str, adata, seed: int, modes: list[str], max_epochs: int | No
         report({"data": name, "seed": seed, "contender": f"normal + Leiden {resolution}",
                 **scores(light.obs["leiden"].to_numpy()), "held_out_elbo": normal_elbo,
                 "s_per_epoch": normal_s, "ratio_s_per_epoch": 1.0, "resolution": resolution})
-    for mode in modes:
-        fitted = train.copy()
-        model = pyrovae.fit(fitted, "zinb", prior="gmm", mode=mode, seed=seed,
-                            max_epochs=max_epochs, progress=False)
-        stage = model.history.iloc[int(fitted.uns["pyrovae"]["settings"]["pretrain_epochs"]):]
-        seconds = float(stage["seconds"].median())
-        found = fitted.uns["pyrovae"]["clusters"]
-        report({"data": name, "seed": seed, "contender": f"gmm auto-K {mode}",
-                **scores(model.get_clusters(adata)),
-                "held_out_elbo": float(model.elbo(test, n_samples=20)["elbo"].mean()),
-                "s_per_epoch": seconds, "ratio_s_per_epoch": seconds / normal_s,
-                "resolution": found.get("resolution", np.nan),
-                "n_pruned": len(found.get("pruned_weights", []))})
+    for rule in rules or K_RULES[:1]:
+        for mode in modes:
+            fitted = train.copy()
+            model = pyrovae.fit(fitted, "zinb", prior=GaussianMixture(mode=mode, k_rule=rule),
+                                seed=seed, max_epochs=max_epochs, progress=False)
+            stage = model.history.iloc[int(fitted.uns["pyrovae"]["settings"]["pretrain_epochs"]):]
+            seconds = float(stage["seconds"].median())
+            found = fitted.uns["pyrovae"]["clusters"]
+            pruned = found.get("pruned_weights", [])
+            report({"data": name, "seed": seed, "contender": f"gmm auto-K {rule} {mode}",
+                    **scores(model.get_clusters(adata)),
+                    "held_out_elbo": float(model.elbo(test, n_samples=20)["elbo"].mean()),
+                    "s_per_epoch": seconds, "ratio_s_per_epoch": seconds / normal_s,
+                    "resolution": found.get("resolution", np.nan),
+                    "K_start": found["n_clusters"] + len(pruned),
+                    "K_leiden": found.get("n_clusters_leiden", np.nan), "n_pruned": len(pruned),
+                    "epochs": int(model.history["epoch"].iloc[-1])})
     return rows
 
 
@@ -228,6 +237,9 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
                         help="the automatic-K mixture against standard VAE + Leiden")
     parser.add_argument("--modes", nargs="+", choices=MODES, default=MODES,
                         help="the mixture modes of --auto")
+    parser.add_argument("--rules", nargs="+", choices=K_RULES, default=K_RULES[:1],
+                        help="the rules for K of --auto (GaussianMixture(k_rule=...); default: "
+                             "the prior's default, merged_leiden)")
     args = parser.parse_args(argv)
     auto = args.auto or (args.summarize and "resolution" in pd.read_csv(args.summarize[0]).columns)
     if args.summarize:
@@ -238,7 +250,8 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
         for name, adata in datasets.present(args.data):
             for seed in args.seeds:
                 if auto:
-                    rows += run_auto(name, adata, seed, args.modes, args.max_epochs, args.label_key)
+                    rows += run_auto(name, adata, seed, args.modes, args.max_epochs, args.label_key,
+                                     args.rules)
                 else:
                     rows += run(name, adata, seed, args.n_clusters, args.init, args.max_epochs,
                                 args.label_key)
@@ -247,6 +260,11 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
             table.to_csv(args.csv, index=False)
     if auto:
         if args.markdown:
+            columns = [c for c in ["data", "seed", "contender", "K", "ari", "nmi", "held_out_elbo",
+                                   "s_per_epoch", "ratio_s_per_epoch", "K_leiden", "K_start",
+                                   "n_pruned", "epochs"] if c in table.columns]
+            print(markdown(table[columns], digits=3))
+            print()
             print(markdown(summarize_auto(table).reset_index(), digits=3))
         else:
             with pd.option_context("display.width", 200, "display.max_columns", None,

@@ -121,8 +121,10 @@ def fit(
         temperature scaling (:func:`pyrovae.labels.calibrate`); 0 for none.
     n_clusters
         For a prior given by name: the number of mixture components, the clusters of
-        ``"gmm"`` (default: chosen from the data by :func:`pyrovae.priors.stable_leiden`,
-        the components left empty by training then removed by
+        ``"gmm"`` (default: chosen from the pre-trained latent means by
+        :func:`pyrovae.priors.merged_leiden`, Leiden at scanpy's default resolution with
+        the clusters the kNN graph still joins merged; the components left empty by
+        training then removed by
         :func:`pyrovae.clusters.prune_clusters`) or the pseudo-inputs of ``"vamp"``
         (default 50); ignored, with a warning, by priors without components.
     mode

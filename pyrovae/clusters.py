@@ -1,7 +1,8 @@
 """Cell identification: the clusters of a fitted mixture, with the empty ones removed.
 
 A :class:`~pyrovae.priors.GaussianMixture` built with ``n_clusters=None`` chooses its K
-from the cells' latent means when it starts (:func:`pyrovae.priors.stable_leiden`); after
+from the cells' latent means when it starts (by default :func:`pyrovae.priors.merged_leiden`:
+Leiden at resolution 1.0, then pairs of clusters with a PAGA connectivity >= 0.3 merged); after
 training some components may hold no cell. :func:`prune_clusters` removes them, so that
 ``adata.obs["pyrovae_cluster"]`` has no empty category and K is the number of clusters
 the model uses. :func:`pyrovae.fit` calls it for a mixture whose K it chose.

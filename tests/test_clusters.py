@@ -122,7 +122,7 @@ def test_automatic_k_finds_the_true_number_of_clusters(k):
     adata = well_separated(k)
     pyrovae.fit(adata, "zinb", prior="gmm", seed=0, max_epochs=60, progress=False)
     found = adata.uns["pyrovae"]["clusters"]
-    assert found["method"] == "stable_leiden"
+    assert found["method"] == "merged_leiden"
     assert found["n_clusters"] == k
     assert adata.obsm["pyrovae_cluster_probs"].shape == (adata.n_obs, k)
     assert adjusted_rand_score(adata.obs["cluster"], adata.obs["pyrovae_cluster"]) >= 0.9
@@ -152,6 +152,40 @@ def test_stable_leiden_prefers_the_finest_stable_partition():
     assert all(s < max(search["stability"]) - search["tolerance"] for s in finer)
     with pytest.raises(ValueError, match="needs n_clusters"):
         GaussianMixture(None, init="random")
+
+
+def test_merged_leiden_joins_what_modularity_cut_and_keeps_separate_clusters_apart():
+    from sklearn.metrics import adjusted_rand_score
+
+    from pyrovae.priors import merged_leiden
+
+    rng = np.random.default_rng(1)
+    centres = rng.normal(0, 10, size=(3, 6))
+    points = np.concatenate([c + rng.normal(size=(400, 6)) for c in centres])
+    truth = np.repeat(np.arange(3), 400)
+    plain, search = merged_leiden(points, threshold=np.inf)  # Leiden at 1.0 alone
+    assert plain.max() + 1 > 3 and search["merges"] == []
+    labels, search = merged_leiden(points)
+    assert labels.max() + 1 == 3 and search["n_clusters_leiden"] == plain.max() + 1
+    assert len(search["merges"]) == search["n_clusters_leiden"] - 3
+    assert min(search["merges"]) >= search["threshold"]
+    assert adjusted_rand_score(truth, labels) == 1.0
+
+
+def test_k_rules_are_recorded_and_checked():
+    import pyrovae
+
+    adata = well_separated(3)
+    for rule in ("leiden", "stable_leiden"):
+        fitted = adata.copy()
+        pyrovae.fit(fitted, "zinb", prior=GaussianMixture(k_rule=rule), seed=0, max_epochs=10,
+                    progress=False)
+        found = fitted.uns["pyrovae"]["clusters"]
+        assert found["method"] == rule and found["n_clusters"] >= 2
+    with pytest.raises(ValueError, match="k_rule"):
+        GaussianMixture(k_rule="bic")
+    with pytest.raises(ValueError, match="resolution"):
+        GaussianMixture(resolution=0.0)
 
 
 def test_pruning_leaves_a_model_that_saves_loads_and_scores(tmp_path):

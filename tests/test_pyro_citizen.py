@@ -253,7 +253,7 @@ def test_one_name_for_the_number_of_components(small, quick):
     assert pyrovae.fit(small.copy(), "nb", prior="vamp", n_clusters=6, **quick).prior.K == 6
     assert pyrovae.fit(small.copy(), "nb", prior="vamp", **quick).prior.K == 50
     auto = pyrovae.fit(small.copy(), "nb", prior="gmm", mode="gumbel", pretrain_epochs=0, **quick)
-    assert auto.prior.selection["method"] == "stable_leiden"  # no n_clusters: K from the data
+    assert auto.prior.selection["method"] == "merged_leiden"  # no n_clusters: K from the data
     assert auto.prior.K == len(auto.get_cluster_probs(small).T) >= 2
     assert pyrovae.fit(small.copy(), "nb", prior="gmm", n_clusters=7, mode="gumbel",
                        pretrain_epochs=0, **quick).prior.K == 7
