@@ -62,6 +62,9 @@ class CovariateSpec:
     continuous: dict[str, list[float]] | None = None  # key -> [mean, std]
     labels_key: str | None = None
     labels: list[str] | None = None
+    # set (not saved) for reading cells of a labels model: a missing labels column means
+    # every cell is of this category (a query data set)
+    unlabeled_category: str | None = None
 
     def __post_init__(self):
         self.categorical = dict(self.categorical or {})
@@ -119,9 +122,22 @@ class CovariateSpec:
         covariates = np.concatenate(blocks, axis=1).astype(np.float32) if blocks else np.zeros((n, 0), np.float32)
         batch = (self._codes(self.batch_key, obs, self.categorical[self.batch_key])
                  if self.batch_key else np.zeros(n, np.int64))
-        label = (self._codes(self.labels_key, obs, self.labels) if self.labels_key
-                 else np.zeros(n, np.int64))
+        if not self.labels_key:
+            label = np.zeros(n, np.int64)
+        elif self.labels_key not in obs.columns and self.unlabeled_category is not None:
+            label = np.full(n, self._unlabeled_code(), np.int64)
+        else:
+            label = self._codes(self.labels_key, obs, self.labels)
         return Encoded(covariates, batch, label)
+
+    def _unlabeled_code(self) -> int:
+        """The code of the unlabeled category, for cells read without a labels column."""
+        if self.unlabeled_category not in self.labels:
+            raise InvalidDataError(
+                f"adata.obs[{self.labels_key!r}] not found, and this model was trained with every "
+                f"cell labelled (no {self.unlabeled_category!r} cells): add the labels column"
+            )
+        return self.labels.index(self.unlabeled_category)
 
     def encode_values(self, values: dict, n: int) -> Encoded:
         """The same covariates for ``n`` generated cells: ``values`` maps every covariate

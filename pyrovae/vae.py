@@ -792,16 +792,21 @@ class VAE:
     def _read(self, adata, *, for_training: bool = False) -> CountData:
         """The data of an AnnData (in memory or ``backed="r"``), or of ``.h5ad`` files
         (a path or a list of paths, streamed), checked for this model."""
+        spec = self.covariates
+        if not for_training and spec.labels_key and getattr(self.prior, "takes_labels", False):
+            # a labels model embeds and predicts cells without a labels column (a query):
+            # they are read as unlabelled; training still needs the column
+            spec = replace(spec, unlabeled_category=self.prior.unlabeled_category)
         if is_paths(adata):
             if self.layer is not None:
                 raise ValueError("files are streamed from their X; a model of a layer needs an AnnData")
             return open_h5ad(adata, genes=self.var_names, kind=self.likelihood.data,
-                             allow_empty_genes=not for_training, covariates=self.covariates)
+                             allow_empty_genes=not for_training, covariates=spec)
         if not isinstance(adata, ad.AnnData):
             raise TypeError(f"expected an AnnData or .h5ad path(s), got {type(adata).__name__}")
         check_genes(adata.var_names, self.var_names)
         return read_data(adata, layer=self.layer, kind=self.likelihood.data,
-                         allow_empty_genes=not for_training, covariates=self.covariates)
+                         allow_empty_genes=not for_training, covariates=spec)
 
     @contextlib.contextmanager
     def _inference(self, seed: int) -> Iterator[None]:

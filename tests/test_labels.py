@@ -47,6 +47,21 @@ def test_fit_writes_labels_and_predict_shapes(fitted):
     pd.testing.assert_frame_equal(model.predict(query, soft=True), soft)
 
 
+def test_a_labels_model_reads_cells_without_the_labels_column(fitted):
+    # regression: get_latent (and elbo) of a labels model needed adata.obs[labels_key]
+    model, adata, _ = fitted
+    query = adata.copy()
+    del query.obs["lab"]
+    unlabelled = adata.copy()
+    unlabelled.obs["lab"] = pd.Categorical(["Unknown"] * adata.n_obs)
+    np.testing.assert_array_equal(model.get_latent(query), model.get_latent(adata))
+    pd.testing.assert_frame_equal(model.elbo(query, n_samples=2), model.elbo(unlabelled, n_samples=2))
+    assert model.predict(query).shape == (adata.n_obs,)
+    assert "lab" not in query.obs  # nothing written
+    with pytest.raises(ValueError, match="lab"):  # training still needs the labels
+        model.train(query, max_epochs=1, progress=False)
+
+
 def test_labelled_cells_observe_y_and_sites_match(fitted):
     model, adata, known = fitted
     args = model.model_args(adata, indices=np.arange(40))
@@ -205,7 +220,7 @@ def test_map_query_leaves_reference_unchanged_and_freezes_weights(reference_and_
     torch.testing.assert_close(new[:, :n_genes + 2], old[:, :n_genes + 2], rtol=0, atol=0)
     assert new[:, n_genes + 2].abs().sum() > 0
     assert mapped.covariates.categorical["batch"] == ["b0", "b1", "b2"]
-    query.obs["lab"] = "Unknown"
+    assert "lab" not in query.obs  # no labels column: the query is read as unlabelled
     assert mapped.get_latent(query).shape == (query.n_obs, reference.n_latent)
     assert mapped.predict(query).shape == (query.n_obs,)
 
