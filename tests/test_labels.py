@@ -259,6 +259,33 @@ def test_map_query_starts_new_batches_at_the_reference_average(reference_and_que
         reference.map_query(query, max_epochs=1, init="random")
 
 
+def test_map_query_learns_gene_offsets_of_the_new_batch_only(reference_and_query, tmp_path):
+    reference, _, query = reference_and_query
+    assert not hasattr(reference.module.model, "gene_offsets")
+    mapped = reference.map_query(query, max_epochs=2)
+    offsets = mapped.module.model.gene_offsets.detach()
+    assert offsets.shape == (3, len(reference.var_names))
+    assert torch.equal(offsets[:2], torch.zeros_like(offsets[:2]))  # the reference's batches
+    assert offsets[2].abs().sum() > 0
+    # the decoder scales the expression shares by exp(o_bg), renormalised
+    z = torch.zeros(4, reference.n_latent)
+    args = mapped.model_args(query, indices=range(4))
+    model = mapped.module.model
+    with torch.no_grad():
+        shifted, _ = model.decode(z, args[2], args[3], args[4])
+        plain = model.decoder(torch.cat([z, args[2]], -1))["log_rho"]
+    torch.testing.assert_close(shifted["log_rho"], (plain + offsets[args[3]]).log_softmax(-1))
+    # the encoder reads x exp(-o_b)
+    guide = mapped.module.guide
+    expected = torch.cat([torch.log1p(args[0] * torch.exp(-offsets[args[3]])), args[2]], -1)
+    torch.testing.assert_close(guide.encoder_input(args[0], args[2], args[3]), expected)
+    mapped.save(tmp_path / "query.pt")
+    again = pyrovae.load(tmp_path / "query.pt")
+    np.testing.assert_allclose(again.get_latent(query), mapped.get_latent(query), rtol=1e-6)
+    plain_mapped = reference.map_query(query, max_epochs=1, gene_offsets=False)
+    assert not hasattr(plain_mapped.module.model, "gene_offsets")
+
+
 def test_map_query_genes_are_matched_by_name(reference_and_query):
     reference, _, query = reference_and_query
     with pytest.raises(ValueError, match="lacks 1 of the reference's"):
