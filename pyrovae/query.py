@@ -112,6 +112,24 @@ def map_query(
     ------
     ValueError
         The reference has no batch covariate, the query lacks genes or its batch column.
+
+    Examples
+    --------
+    >>> import numpy as np, pandas as pd, pyrovae
+    >>> adata = pyrovae.datasets.simulate(300, 40, 3, likelihood="nb", seed=0, n_batches=2)
+    >>> values = adata.obs["cluster"].astype(str).to_numpy().copy()
+    >>> values[np.arange(300) % 5 != 0] = "Unknown"
+    >>> adata.obs["known"] = pd.Categorical(values)
+    >>> ref = adata[adata.obs["batch"] == "b0"].copy()
+    >>> query = adata[adata.obs["batch"] == "b1"].copy()
+    >>> del query.obs["known"]  # the query needs no labels column
+    >>> reference = pyrovae.fit(ref, batch_key="batch", labels_key="known", unlabeled_category="Unknown",
+    ...                         max_epochs=2, kl_warmup_epochs=0, progress=False)
+    >>> mapped = reference.map_query(query, max_epochs=2)
+    >>> mapped.covariates.categorical["batch"]
+    ['b0', 'b1']
+    >>> mapped.get_latent(query).shape, mapped.predict(query).shape
+    ((152, 10), (152,))
     """
     from .train import TrainingPlan
     from .vae import VAE
