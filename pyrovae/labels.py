@@ -31,7 +31,7 @@ if TYPE_CHECKING:
     from .data import CovariateSpec
     from .vae import VAE
 
-__all__ = ["SemiSupervised", "calibrate", "hide_labels", "labels_prior", "novelty", "predict", "with_labels_column"]
+__all__ = ["NOVELTY_SCORES", "SemiSupervised", "calibrate", "hide_labels", "labels_prior", "novelty", "predict", "with_labels_column"]
 
 
 @register_prior("labels")
@@ -273,19 +273,66 @@ def predict(model: "VAE", adata: "ad.AnnData", *, soft: bool = False,
                      index=index, name="pyrovae_label")
 
 
-def novelty(model: "VAE", adata: "ad.AnnData", *,
-            score: Literal["entropy", "max_probability"] = "entropy") -> pd.Series:
-    """How unlike every known label each cell looks: the entropy of ``q(y | x)``
-    divided by ``log K`` (0: certain, 1: uniform), or ``1 - max_k q(k | x)``. Higher means
-    more likely a type missing from the labels."""
-    if score not in ("entropy", "max_probability"):
-        raise ValueError(f"score must be 'entropy' or 'max_probability', got {score!r}")
-    probs = predict(model, adata, soft=True).to_numpy()
-    if score == "entropy":
-        values = -(probs * np.log(np.clip(probs, 1e-12, None))).sum(1) / math.log(probs.shape[1])
+NoveltyScore = Literal["entropy", "max_probability", "density", "distance"]
+NOVELTY_SCORES: tuple[str, ...] = ("entropy", "max_probability", "density", "distance")
+
+
+def novelty(model: "VAE", adata: "ad.AnnData", *, score: NoveltyScore = "entropy") -> pd.Series:
+    """How unlike every known label each cell looks; higher means more likely a type
+    missing from the labels.
+
+    Parameters
+    ----------
+    model
+        A model with the ``"labels"`` prior.
+    adata
+        Cells with the model's genes (a labels column is not needed).
+    score
+        ``"entropy"``: the entropy of ``q(y | x)`` divided by ``log K`` (0: certain, 1:
+        uniform). ``"max_probability"``: ``1 - max_k q(k | x)``. ``"density"``: ``-log
+        p(z)`` at the cell's posterior mean ``z = E_q[z | x]`` under the fitted mixture
+        ``p(z) = sum_k pi_k N(z; mu_k, sigma_k)`` (nats). ``"distance"``: the distance of
+        ``z`` to the nearest component in its own scale, ``min_k ||(z - mu_k) /
+        sigma_k||``. The first two look at the classifier only, the last two at where the
+        cell lies in the latent space.
+
+    Returns
+    -------
+    A Series indexed by ``adata.obs_names``, named ``pyrovae_novelty_<score>``.
+
+    Examples
+    --------
+    >>> import numpy as np, pandas as pd, pyrovae
+    >>> adata = pyrovae.datasets.simulate(200, 40, 3, likelihood="nb", seed=0)
+    >>> values = adata.obs["cluster"].astype(str).to_numpy().copy()
+    >>> values[(np.arange(200) % 4 != 0) | (values == "2")] = "Unknown"  # type 2 never labelled
+    >>> adata.obs["known"] = pd.Categorical(values)
+    >>> model = pyrovae.fit(adata, labels_key="known", unlabeled_category="Unknown",
+    ...                     max_epochs=2, kl_warmup_epochs=0, progress=False)
+    >>> scores = model.novelty(adata, score="density")
+    >>> scores.shape, scores.name
+    ((200,), 'pyrovae_novelty_density')
+    """
+    if score not in NOVELTY_SCORES:
+        raise ValueError(f"score must be one of {NOVELTY_SCORES}, got {score!r}")
+    prior = _require(model)
+    index = pd.Index(adata.obs_names)
+    if score in ("entropy", "max_probability"):
+        probs = predict(model, adata, soft=True).to_numpy()
+        if score == "entropy":
+            values = -(probs * np.log(np.clip(probs, 1e-12, None))).sum(1) / math.log(probs.shape[1])
+        else:
+            values = 1.0 - probs.max(1)
     else:
-        values = 1.0 - probs.max(1)
-    return pd.Series(values, index=pd.Index(adata.obs_names), name=f"pyrovae_novelty_{score}")
+        with torch.no_grad():
+            z = torch.as_tensor(model.get_latent(adata), device=prior.locs.device)
+            if score == "density":
+                values = -prior.mixture().log_prob(z)
+            else:
+                scaled = (z.unsqueeze(-2) - prior.locs) / prior.scales  # (cells, K, D)
+                values = scaled.pow(2).sum(-1).sqrt().min(-1).values
+        values = values.double().cpu().numpy()
+    return pd.Series(values, index=index, name=f"pyrovae_novelty_{score}")
 
 
 def calibrate(model: "VAE", adata: "ad.AnnData", *, labels_key: str | None = None,

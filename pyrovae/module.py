@@ -57,6 +57,12 @@ class Covariates:
     dispersion
         How the likelihood's per-gene parameters (``theta``, ``sigma``) vary: per gene,
         per gene and batch, per gene and label, or per gene and cell (a decoder output).
+    gene_offsets
+        Per-batch gene offsets ``o_bg`` (a count likelihood with a ``log_rho`` head): a
+        cell of batch ``b`` has expression shares ``rho_g(z, s) exp(o_bg)``, renormalised,
+        and its encoder reads ``x_g exp(-o_bg)``. A gene-specific capture rate of a batch
+        (``x_g`` thinned with rate ``r_g``) is ``o_bg = log r_g``. Query mapping
+        (:func:`pyrovae.query.map_query`) learns them for the new batches.
     """
 
     n_covariates: int = 0
@@ -64,6 +70,7 @@ class Covariates:
     n_labels: int = 1
     library: LibrarySize = "observed"
     dispersion: Dispersion = "gene"
+    gene_offsets: bool = False
 
     def __post_init__(self):
         if self.library not in ("observed", "latent"):
@@ -117,6 +124,11 @@ class Model(LocalPyroModule):
             name: nn.Parameter(likelihood.initial_value(name, (*rows[cov.dispersion], n_genes)))
             for name in likelihood.gene_params if cov.dispersion != "gene-cell"
         })
+        if cov.gene_offsets:
+            if "log_rho" not in likelihood.heads:
+                raise ValueError(f"gene offsets need a count likelihood with a 'log_rho' head, "
+                                 f"not {likelihood.name!r}")
+            self.gene_offsets = nn.Parameter(torch.zeros(cov.n_batches, n_genes))
         # log-normal of the training cells' log library sizes, per batch
         self.register_buffer("library_loc", torch.zeros(cov.n_batches))
         self.register_buffer("library_scale", torch.ones(cov.n_batches))
@@ -124,6 +136,8 @@ class Model(LocalPyroModule):
     def decode(self, z, covariates=None, batch=None, label=None):
         """``(heads, gene_params)`` of the likelihood for latent ``z`` and covariates."""
         heads = self.decoder(with_covariates(z, covariates))
+        if self.cov.gene_offsets and batch is not None:
+            heads["log_rho"] = (heads["log_rho"] + self.gene_offsets[batch]).log_softmax(-1)
         if self.cov.dispersion == "gene-cell":
             params = {name: heads.pop(name) for name in self.likelihood.gene_params}
         elif self.cov.dispersion == "gene":
@@ -175,12 +189,17 @@ class Guide(LocalPyroModule):
     def prior(self) -> Prior:
         return self.__dict__["_prior"]  # owned (and registered) by the model
 
-    def encoder_input(self, x, covariates) -> torch.Tensor:
+    def encoder_input(self, x, covariates, batch=None) -> torch.Tensor:
+        """What the encoders read: ``log1p`` counts (with per-batch gene offsets,
+        ``x_g exp(-o_bg)``) and the covariates."""
+        offsets = self.__dict__.get("_gene_offsets")
+        if offsets is not None and batch is not None:
+            x = x * torch.exp(-offsets[batch])
         return with_covariates(self.likelihood.encoder_input(x), covariates)
 
     def forward(self, x, library, covariates, batch, label, index, n_obs: int,
                 kl_weight: float = 1.0):
-        inputs = self.encoder_input(x, covariates)
+        inputs = self.encoder_input(x, covariates, batch)
         with pyro.plate("cells", n_obs, subsample=index):
             with poutine.scale(scale=kl_weight):
                 known = {"label": label} if getattr(self.prior, "takes_labels", False) else {}
@@ -201,6 +220,8 @@ class VAEModule(nn.Module):
         self.cov = cov
         self.guide = Guide(n_genes, likelihood, arch, cov)
         self.model = Model(n_genes, likelihood, prior, arch, cov)
+        if cov.gene_offsets:  # owned by the model, read by the guide too
+            self.guide.__dict__["_gene_offsets"] = self.model.gene_offsets
         self.set_prior(prior)
         self.register_buffer("library_fitted", torch.tensor(False))
 

@@ -5,7 +5,8 @@ The query's batches become new categories of the reference's batch covariate. Th
 model has the reference's encoder, decoder and prior (a labels model keeps its
 classifier); the only trainable parameters are the columns of the first encoder and
 decoder layers (and of a latent-library encoder) that read the new batches' one-hot
-inputs, and the per-batch gene parameters of the new batches. Batch-norm layers keep the
+inputs, the per-batch gene parameters of the new batches and (for a count likelihood) a
+per-gene offset of each new batch (``gene_offsets``). Batch-norm layers keep the
 reference's statistics (they run in evaluation mode). The reference model is not changed.
 """
 
@@ -14,7 +15,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import warnings
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 import pandas as pd
@@ -68,6 +69,8 @@ def map_query(
     max_epochs: int = 50,
     lr: float = 1e-2,
     batch_size: int = 128,
+    init: Literal["reference", "zero"] = "reference",
+    gene_offsets: bool | None = None,
     seed: int = 0,
     progress: bool = False,
 ) -> "VAE":
@@ -84,6 +87,19 @@ def map_query(
     batch_key
         The query's batch column; the reference's by default. Categories the reference
         knows keep its weights; the others are new.
+    init
+        Where the new batches' parameters start: ``"reference"``, at the average of the
+        reference's batches (each new batch's input columns are the mean of the reference
+        batches' columns, its per-batch gene parameters their mean), so that before
+        training a query cell is read as a cell of an average reference batch;
+        ``"zero"``, at zero columns (an input the reference never saw) and fresh
+        per-batch parameters.
+    gene_offsets
+        Learn a per-gene offset for each new batch (:class:`pyrovae.module.Covariates`
+        ``gene_offsets``: the batch's expression shares scaled by ``exp(o_g)``, its counts
+        read by the encoder divided by it), which captures a gene-specific capture rate
+        of the query exactly. By default on for a count likelihood with a ``log_rho``
+        head. The reference's batches keep offset 0.
     max_epochs, lr, batch_size, seed, progress
         Training of the new batches' parameters (no weight decay, KL at full weight).
 
@@ -96,9 +112,30 @@ def map_query(
     ------
     ValueError
         The reference has no batch covariate, the query lacks genes or its batch column.
+
+    Examples
+    --------
+    >>> import numpy as np, pandas as pd, pyrovae
+    >>> adata = pyrovae.datasets.simulate(300, 40, 3, likelihood="nb", seed=0, n_batches=2)
+    >>> values = adata.obs["cluster"].astype(str).to_numpy().copy()
+    >>> values[np.arange(300) % 5 != 0] = "Unknown"
+    >>> adata.obs["known"] = pd.Categorical(values)
+    >>> ref = adata[adata.obs["batch"] == "b0"].copy()
+    >>> query = adata[adata.obs["batch"] == "b1"].copy()
+    >>> del query.obs["known"]  # the query needs no labels column
+    >>> reference = pyrovae.fit(ref, batch_key="batch", labels_key="known", unlabeled_category="Unknown",
+    ...                         max_epochs=2, kl_warmup_epochs=0, progress=False)
+    >>> mapped = reference.map_query(query, max_epochs=2)
+    >>> mapped.covariates.categorical["batch"]
+    ['b0', 'b1']
+    >>> mapped.get_latent(query).shape, mapped.predict(query).shape
+    ((152, 10), (152,))
     """
     from .train import TrainingPlan
     from .vae import VAE
+
+    if init not in ("reference", "zero"):
+        raise ValueError(f"init must be 'reference' or 'zero', got {init!r}")
 
     spec = reference.covariates
     if not spec.batch_key:
@@ -130,14 +167,23 @@ def map_query(
     prior = copy.deepcopy(reference.prior)
     prior.__dict__.pop("_owner", None)
     cov = reference.module.cov
+    if gene_offsets is None:
+        gene_offsets = cov.gene_offsets or "log_rho" in reference.likelihood.heads
+    if cov.gene_offsets and not gene_offsets:
+        raise ValueError("the reference has gene offsets: its query model keeps them (gene_offsets=True)")
     model = VAE(reference.var_names, likelihood=reference.likelihood.name, prior=prior,
                 architecture=reference.architecture, layer=reference.layer, covariates=new_spec,
-                library=cov.library, dispersion=cov.dispersion, seed=seed)
+                library=cov.library, dispersion=cov.dispersion, gene_offsets=gene_offsets, seed=seed)
     n_old, n_new = len(old_batches), len(new)
     old_state = reference.module.state_dict()
     state = model.module.state_dict()
     trainable: dict[str, torch.Tensor] = {}  # name -> mask of its trainable entries
     for name, value in state.items():
+        if name not in old_state and name == "model.gene_offsets":  # new: 0 for the reference's batches
+            rows = torch.zeros(value.shape, dtype=torch.bool)
+            rows[n_old:] = True
+            state[name], trainable[name] = torch.zeros_like(value), rows
+            continue
         old = old_state[name]
         if old.shape == value.shape:
             state[name] = old.clone()
@@ -147,12 +193,17 @@ def map_query(
             rows[n_old:] = True  # per-batch rows: the new batches at the end
             merged = value.clone()
             merged[:n_old] = old
+            if init == "reference" and value.is_floating_point():
+                merged[n_old:] = old.mean(0)
             state[name], trainable[name] = merged, rows
         elif value.ndim == 2 and value.shape[1] == old.shape[1] + n_new:
-            start = old.shape[1] - spec.n_covariates + n_old  # first column of the new batches
+            first = old.shape[1] - spec.n_covariates  # the batch block starts here
+            start = first + n_old  # first column of the new batches
             merged = torch.zeros_like(value)
             merged[:, :start] = old[:, :start]
             merged[:, start + n_new:] = old[:, start:]
+            if init == "reference":
+                merged[:, start:start + n_new] = old[:, first:start].mean(1, keepdim=True)
             cols = torch.zeros(value.shape, dtype=torch.bool)
             cols[:, start:start + n_new] = True
             state[name], trainable[name] = merged, cols
@@ -171,7 +222,8 @@ def map_query(
     plan = TrainingPlan(max_epochs=max_epochs, lr=lr, batch_size=batch_size, weight_decay=0.0,
                         kl_warmup_epochs=0, seed=seed, progress=progress, early_stopping=False,
                         validation_fraction=0.0, device=str(reference.device))
-    model.train(query, plan)
+    # a query's genes may have no counts in it (they are the reference's genes)
+    model._train(query, plan, data=model._read(query))
     return model
 
 

@@ -365,8 +365,8 @@ def prepare(module: VAEModule, data: CountData, index: np.ndarray, device,
         pick = np.sort(rng.choice(index, size=min(n_max, len(index)), replace=False))
         module.eval()
         with torch.no_grad():
-            x, covariates, _, _ = data.minibatch(pick, device)
-            inputs = module.guide.encoder_input(x, covariates)
+            x, covariates, batch, _ = data.minibatch(pick, device)
+            inputs = module.guide.encoder_input(x, covariates, batch)
             latent = prior.latent_mean(module.guide.encoder, inputs)
         prior.initialize(latent, inputs)
 

@@ -60,6 +60,9 @@ class VAE:
     dispersion
         ``"gene"``, ``"gene-batch"``, ``"gene-label"`` or ``"gene-cell"``: how the
         likelihood's per-gene parameters vary.
+    gene_offsets
+        Per-batch gene offsets (see :class:`pyrovae.module.Covariates`); a query model
+        of :meth:`map_query` has them.
     seed
         Seeds the initial weights.
 
@@ -86,6 +89,7 @@ class VAE:
         covariates: CovariateSpec | None = None,
         library: LibrarySize = "observed",
         dispersion: Dispersion = "gene",
+        gene_offsets: bool = False,
         seed: int = 0,
     ):
         self.var_names = pd.Index(var_names)
@@ -106,7 +110,8 @@ class VAE:
             raise ValueError("dispersion='gene-label' needs a labels_key")
         if library == "latent" and not self.likelihood.is_count:
             raise ValueError(f"a latent library needs a count likelihood, not {self.likelihood.name!r}")
-        cov = Covariates(spec.n_covariates, spec.n_batches, spec.n_labels, library, dispersion)
+        cov = Covariates(spec.n_covariates, spec.n_batches, spec.n_labels, library, dispersion,
+                         gene_offsets)
         self.seed = seed  # also seeds the weights of a prior swapped in later
         with seeded(seed, torch.device("cpu")):
             self.module = VAEModule(
@@ -165,8 +170,8 @@ class VAE:
             with self._inference(seed=0):
                 pick = np.sort(np.random.default_rng(0).choice(
                     data.n_obs, size=min(5000, data.n_obs), replace=False))
-                x, covariates, _, _ = data.minibatch(pick, self.device)
-                x = module.guide.encoder_input(x, covariates)
+                x, covariates, batch, _ = data.minibatch(pick, self.device)
+                x = module.guide.encoder_input(x, covariates, batch)
                 latent = self.prior.latent_mean(module.guide.encoder, x)
         with seeded(self.seed, torch.device("cpu")):  # its networks' initial weights
             module.set_prior(new)
@@ -405,7 +410,8 @@ class VAE:
 
         return predict(self, adata, soft=soft, batch_size=batch_size)
 
-    def novelty(self, adata: ad.AnnData, *, score: str = "entropy") -> pd.Series:
+    def novelty(self, adata: ad.AnnData, *,
+                score: Literal["entropy", "max_probability", "density", "distance"] = "entropy") -> pd.Series:
         """Per-cell novelty score of a labels model (see :func:`pyrovae.labels.novelty`)."""
         from .labels import novelty
 
@@ -431,7 +437,7 @@ class VAE:
         data = self._read(adata)
         guide = self.module.guide
         with self._inference(seed=0):
-            out = [fn(guide.encoder, guide.encoder_input(mb[0], mb[1]))
+            out = [fn(guide.encoder, guide.encoder_input(mb[0], mb[1], mb[2]))
                    for _, mb in self._batches(data, batch_size)]
         return torch.cat(out).cpu().numpy()
 
@@ -781,6 +787,7 @@ class VAE:
                 "covariates": self.covariates.to_dict(),
                 "library": self.module.cov.library,
                 "dispersion": self.module.cov.dispersion,
+                "gene_offsets": self.module.cov.gene_offsets,
                 "var_names": _plain_names(self.var_names),
                 "history": {k: self.history[k].to_list() for k in self.history.columns},
                 "training_plan": asdict(self.training_plan) if self.training_plan else None,
@@ -876,6 +883,7 @@ def load(path: str | os.PathLike, adata: ad.AnnData | None = None, *,
         covariates=CovariateSpec(**state["covariates"]),
         library=state["library"],
         dispersion=state["dispersion"],
+        gene_offsets=bool(state.get("gene_offsets", False)),  # absent from older files
     )
     try:
         model.module.load_state_dict(state["state_dict"])

@@ -269,3 +269,28 @@ def test_mixtures_benchmark_automatic_k_against_leiden(tmp_path, capsys, keep_th
     capsys.readouterr()
     again = mixtures.main(["--summarize", str(csv), "--markdown"])
     assert len(again) == 5 and "ratio_s_per_epoch" in capsys.readouterr().out
+
+
+def test_query_benchmark_runs_with_a_tiny_budget(keep_threads):
+    from benchmarks import query
+
+    table, novelty = query.main(["--data", "pbmc68k", "--max-epochs", "2", "--query-epochs", "1",
+                                 "--novelty-data", "pbmc68k", "--novelty-types", "1"])
+    assert list(table["method"]) == ["pyrovae, query without batch effect", "pyrovae unmapped", "pyrovae"]
+    assert table[["accuracy", "balanced_accuracy", "ref_accuracy", "mixing"]].notna().all().all()
+    assert (table["n_ref"] + table["n_query"] <= 700).all()
+    assert len(novelty) == 2  # the largest type and a small one
+    scores = [f"auroc_{s}" for s in pyrovae.labels.NOVELTY_SCORES]
+    assert novelty[scores].apply(lambda c: c.between(0, 1)).all().all()
+
+
+def test_query_benchmark_thinning_keeps_counts_integer_and_smaller():
+    from benchmarks import query
+
+    adata = bench_data.pbmc68k()
+    ref, q = query.split(adata, 0)
+    assert ref.n_obs + q.n_obs <= adata.n_obs and "known" not in q.obs
+    original = adata[q.obs_names, q.var_names].X.toarray()
+    thinned = q.X.toarray()
+    assert (thinned <= original).all() and np.array_equal(thinned, np.round(thinned))
+    assert 0.2 < thinned.sum() / original.sum() < 0.7  # 0.8 * U(0.3, 1) on average 0.52

@@ -7,7 +7,7 @@ import matplotlib
 import pytest
 
 MODULES = ["metrics", "de", "imputation", "criticism", "datasets", "plotting", "likelihoods",
-           "compare", "testing"]
+           "compare", "testing", "query"]
 
 
 @pytest.mark.parametrize("name", MODULES)

@@ -155,6 +155,26 @@ def test_novelty_scores(fitted):
     assert ((entropy >= -1e-9) & (entropy <= 1 + 1e-9)).all()
 
 
+def test_novelty_density_and_distance_by_hand(fitted):
+    model, adata, _ = fitted
+    prior = model.prior
+    z = torch.as_tensor(model.get_latent(adata))
+    with torch.no_grad():
+        log_p = torch.logsumexp(torch.distributions.Normal(prior.locs, prior.scales).log_prob(
+            z.unsqueeze(1)).sum(-1) + prior.weight_logits.log_softmax(-1), -1)
+        distance = ((z.unsqueeze(1) - prior.locs) / prior.scales).norm(dim=-1).min(-1).values
+    density = model.novelty(adata, score="density")
+    np.testing.assert_allclose(density.to_numpy(), -log_p.numpy(), rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(model.novelty(adata, score="distance").to_numpy(), distance.numpy(),
+                               rtol=1e-4, atol=1e-5)
+    assert density.name == "pyrovae_novelty_density" and list(density.index) == list(adata.obs_names)
+    # the cells farthest from every component score highest on both
+    far = np.argmax(distance.numpy())
+    assert density.to_numpy()[far] > np.median(density.to_numpy())
+    with pytest.raises(ValueError, match="score must be one of"):
+        model.novelty(adata, score="surprise")
+
+
 def test_save_load_round_trip(fitted, tmp_path):
     model, adata, known = fitted
     model.calibrate(adata[known].copy())
@@ -223,6 +243,47 @@ def test_map_query_leaves_reference_unchanged_and_freezes_weights(reference_and_
     assert "lab" not in query.obs  # no labels column: the query is read as unlabelled
     assert mapped.get_latent(query).shape == (query.n_obs, reference.n_latent)
     assert mapped.predict(query).shape == (query.n_obs,)
+
+
+def test_map_query_starts_new_batches_at_the_reference_average(reference_and_query):
+    reference, _, query = reference_and_query
+    n_genes = len(reference.var_names)
+    before = reference.module.state_dict()["guide.encoder.body.0.weight"]
+    for init, expected in (("reference", before[:, n_genes:n_genes + 2].mean(1)),
+                           ("zero", torch.zeros(before.shape[0]))):
+        # lr so small that one epoch leaves the start in place
+        mapped = reference.map_query(query, max_epochs=1, lr=1e-12, init=init)
+        after = mapped.module.state_dict()["guide.encoder.body.0.weight"]
+        torch.testing.assert_close(after[:, n_genes + 2], expected, rtol=0, atol=1e-6)
+    with pytest.raises(ValueError, match="init"):
+        reference.map_query(query, max_epochs=1, init="random")
+
+
+def test_map_query_learns_gene_offsets_of_the_new_batch_only(reference_and_query, tmp_path):
+    reference, _, query = reference_and_query
+    assert not hasattr(reference.module.model, "gene_offsets")
+    mapped = reference.map_query(query, max_epochs=2)
+    offsets = mapped.module.model.gene_offsets.detach()
+    assert offsets.shape == (3, len(reference.var_names))
+    assert torch.equal(offsets[:2], torch.zeros_like(offsets[:2]))  # the reference's batches
+    assert offsets[2].abs().sum() > 0
+    # the decoder scales the expression shares by exp(o_bg), renormalised
+    z = torch.zeros(4, reference.n_latent)
+    args = mapped.model_args(query, indices=range(4))
+    model = mapped.module.model
+    with torch.no_grad():
+        shifted, _ = model.decode(z, args[2], args[3], args[4])
+        plain = model.decoder(torch.cat([z, args[2]], -1))["log_rho"]
+    torch.testing.assert_close(shifted["log_rho"], (plain + offsets[args[3]]).log_softmax(-1))
+    # the encoder reads x exp(-o_b)
+    guide = mapped.module.guide
+    expected = torch.cat([torch.log1p(args[0] * torch.exp(-offsets[args[3]])), args[2]], -1)
+    torch.testing.assert_close(guide.encoder_input(args[0], args[2], args[3]), expected)
+    mapped.save(tmp_path / "query.pt")
+    again = pyrovae.load(tmp_path / "query.pt")
+    np.testing.assert_allclose(again.get_latent(query), mapped.get_latent(query), rtol=1e-6)
+    plain_mapped = reference.map_query(query, max_epochs=1, gene_offsets=False)
+    assert not hasattr(plain_mapped.module.model, "gene_offsets")
 
 
 def test_map_query_genes_are_matched_by_name(reference_and_query):
