@@ -342,7 +342,8 @@ class VAE:
             checkpoint.check_folder(plan.checkpoint)
         # a first training refuses genes without counts; a trained model's genes are set,
         # and a data set where some are empty (a small query, a subset) is fine to go on with
-        data = data if data is not None else self._read(adata, for_training=not len(self.history))
+        data = data if data is not None else self._read(adata, for_training=True,
+                                                         allow_empty_genes=bool(len(self.history)))
         warmup_done = self._warmup_done(plan)
         state = state if state is not None else TrainingState()
         on_checkpoint = None
@@ -798,9 +799,13 @@ class VAE:
         )
 
     # ------------------------------------------------------------------ helpers
-    def _read(self, adata, *, for_training: bool = False) -> CountData:
+    def _read(self, adata, *, for_training: bool = False,
+              allow_empty_genes: bool | None = None) -> CountData:
         """The data of an AnnData (in memory or ``backed="r"``), or of ``.h5ad`` files
-        (a path or a list of paths, streamed), checked for this model."""
+        (a path or a list of paths, streamed), checked for this model; genes without
+        counts are refused for training unless ``allow_empty_genes``."""
+        if allow_empty_genes is None:
+            allow_empty_genes = not for_training
         spec = self.covariates
         if not for_training and spec.labels_key and getattr(self.prior, "takes_labels", False):
             # a labels model embeds and predicts cells without a labels column (a query):
@@ -810,12 +815,12 @@ class VAE:
             if self.layer is not None:
                 raise ValueError("files are streamed from their X; a model of a layer needs an AnnData")
             return open_h5ad(adata, genes=self.var_names, kind=self.likelihood.data,
-                             allow_empty_genes=not for_training, covariates=spec)
+                             allow_empty_genes=allow_empty_genes, covariates=spec)
         if not isinstance(adata, ad.AnnData):
             raise TypeError(f"expected an AnnData or .h5ad path(s), got {type(adata).__name__}")
         check_genes(adata.var_names, self.var_names)
         return read_data(adata, layer=self.layer, kind=self.likelihood.data,
-                         allow_empty_genes=not for_training, covariates=spec)
+                         allow_empty_genes=allow_empty_genes, covariates=spec)
 
     @contextlib.contextmanager
     def _inference(self, seed: int) -> Iterator[None]:
