@@ -254,3 +254,48 @@ def test_labels_benchmark_runs_with_a_tiny_budget():
     table = bench.main(["--data", "pbmc68k", "--max-epochs", "2"])
     assert set(table["method"]) == {"pyrovae", "knn"}
     assert table[["accuracy", "balanced_accuracy", "ece"]].notna().all().all()
+
+
+def test_class_balance_weighs_each_label_alike(small, quick):
+    prior = SemiSupervised(["a", "b", "c", "d"], class_balance=True, label_counts=[30, 10, 0, 60])
+    w = prior.class_weight.numpy()
+    # n / (K' n_c) with n = 100 labelled cells, K' = 3 labels present; 1 where no cell
+    np.testing.assert_allclose(w, [100 / 90, 100 / 30, 1.0, 100 / 180], rtol=1e-6)
+    np.testing.assert_allclose((w * [30, 10, 0, 60]).sum() / 100, 1.0, rtol=1e-6)
+    assert (SemiSupervised(["a", "b"], label_counts=[5, 1]).class_weight == 1).all()
+    with pytest.raises(ValueError, match="label_counts"):
+        SemiSupervised(["a", "b"], class_balance=True, label_counts=[5])
+    # fit counts the training labels, those hidden for calibration left out
+    known = labelled(small, fraction=0.3)
+    model = pyrovae.fit(small, labels_key="lab", unlabeled_category="Unknown", class_balance=True,
+                        calibration_fraction=0.25, **quick)
+    counts = model.prior.label_counts
+    assert sum(counts) == known.sum() - round(0.25 * known.sum())
+    truth = small.obs["lab"].astype(str)
+    assert all(counts[i] <= (truth == c).sum() for i, c in enumerate(model.prior.labels))
+    # the classification term of a labelled cell is -alpha w_c log q(c | x)
+    args = model.model_args(small, indices=np.arange(60))
+    model.module.eval()
+    with torch.no_grad():
+        guide = poutine.trace(model.guide).get_trace(*args)
+        guide.compute_log_prob()
+        x, _, covariates = args[:3]
+        log_q = model.prior.label_logits(model.module.guide.encoder,
+                                         model.module.guide.encoder_input(x, covariates)).log_softmax(-1)
+    cls = model.prior.code_to_class[args[4]]
+    on = cls >= 0
+    expected = -model.prior.classification_weight * model.prior.class_weight[cls[on]] * log_q[on, cls[on]]
+    factor = guide.nodes["classification"]["log_prob"]
+    scale = small.n_obs / 60  # the cells plate's subsample scale, in the trace's log_prob
+    torch.testing.assert_close(factor[on], scale * expected, rtol=1e-5, atol=1e-4)
+    assert (factor[~on] == 0).all()
+
+
+def test_class_balance_survives_save_and_load(small, quick, tmp_path):
+    labelled(small, fraction=0.3)
+    model = pyrovae.fit(small, labels_key="lab", unlabeled_category="Unknown", class_balance=True, **quick)
+    assert model.prior.class_balance and not torch.allclose(model.prior.class_weight, torch.ones(4))
+    model.save(tmp_path / "m.pt")
+    back = pyrovae.load(tmp_path / "m.pt")
+    torch.testing.assert_close(back.prior.class_weight, model.prior.class_weight)
+    assert back.prior.label_counts == model.prior.label_counts
