@@ -45,7 +45,7 @@ def fit(
     prior: Literal["normal", "gmm", "vamp", "labels"] | Prior = "normal",
     unlabeled_category: str | None = None,
     classification_weight: float = 50.0,
-    class_balance: bool = False,
+    class_balance: bool = True,
     calibration_fraction: float = 0.0,
     n_clusters: int | None = None,
     mode: Literal["enumerate", "gumbel", "marginal"] = "enumerate",

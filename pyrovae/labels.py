@@ -174,6 +174,11 @@ class SemiSupervised(GaussianMixture):
     def initialize(self, latent: torch.Tensor, x: torch.Tensor) -> None:
         self.initialized.fill_(True)  # the labelled cells place the components
 
+    def always_train(self, label: np.ndarray) -> np.ndarray:
+        """The labelled cells: validation takes only unlabelled ones, so that no known
+        label is kept from training (they are few where labels are scarce)."""
+        return self.code_to_class.cpu().numpy()[np.asarray(label)] >= 0
+
     # ---- summaries of q --------------------------------------------------------
     def label_logits(self, encoder: Encoder, x: torch.Tensor) -> torch.Tensor:
         """``c(h)``, the classifier's logits before temperature scaling."""
@@ -196,7 +201,7 @@ def _class_weights(counts: Sequence[int] | None, n_labels: int) -> torch.Tensor:
 
 
 def labels_prior(covariates: "CovariateSpec", *, unlabeled_category: str = "Unknown",
-                 classification_weight: float = 50.0, class_balance: bool = False,
+                 classification_weight: float = 50.0, class_balance: bool = True,
                  obs: pd.DataFrame | None = None) -> SemiSupervised:
     """The :class:`SemiSupervised` prior for a model's labels column: its known labels
     are the column's categories but ``unlabeled_category``; ``obs`` (the training cells'

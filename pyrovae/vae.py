@@ -177,7 +177,7 @@ class VAE:
 
     def _labels_prior(self, adata, *, labels_key: str | None = None,
                       unlabeled_category: str = "Unknown", classification_weight: float = 50.0,
-                      class_balance: bool = False):
+                      class_balance: bool = True):
         """The ``"labels"`` prior for ``set_prior``; reads the labels column from now on."""
         from .labels import labels_prior, with_labels_column
 
