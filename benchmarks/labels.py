@@ -3,6 +3,8 @@ pyrovae latent space and scvi-tools' SCANVI, side by side in one run.
 
     python benchmarks/labels.py [--data bladder pbmc68k] [--seeds 0] [--fractions 0.1]
                                 [--max-epochs 200] [--threads 1] [--scvi PYTHON]
+                                [--methods pyrovae knn scanvi] [--out ROWS.csv]
+                                [--fit-options JSON]
 
 For each data set (``benchmarks/data.py``), seed and fraction, the cells with
 ``numpy.random.default_rng(seed).random(n) < fraction`` are labelled, the others
@@ -18,9 +20,12 @@ For each data set (``benchmarks/data.py``), seed and fraction, the cells with
   with their default epochs, run by ``--scvi`` (a Python with scvi-tools) as a
   subprocess (``benchmarks/labels_scvi.py``); skipped when it is not given or fails.
 
-Reported on the cells not labelled (and not held out for calibration): accuracy,
-balanced accuracy, ECE (15 bins, :func:`pyrovae.metrics.expected_calibration_error`) and
-seconds of training.
+Reported on the cells not labelled: accuracy, balanced accuracy, ECE (15 bins,
+:func:`pyrovae.metrics.expected_calibration_error`) and seconds of training; one row per
+data set, fraction, seed and method (appended to ``--out`` as each run ends, so that a
+long run keeps what it has done), then their mean and standard deviation over the seeds.
+``--fit-options`` passes more keyword arguments to the pyrovae contender's ``fit``, e.g.
+``'{"class_balance": false}'``.
 """
 
 from __future__ import annotations
@@ -71,14 +76,14 @@ def scores(truth, probs: pd.DataFrame, cells: np.ndarray) -> dict:
             "ece": ece}
 
 
-def run_pyrovae(adata, key, labelled, held, max_epochs, seed):
+def run_pyrovae(adata, key, labelled, held, max_epochs, seed, options=None):
     train = adata.copy()
     values = adata.obs[key].astype(str).to_numpy().copy()
     values[~labelled | held] = "Unknown"
     train.obs["known"] = pd.Categorical(values)
     start = time.perf_counter()
     model = pyrovae.fit(train, labels_key="known", unlabeled_category="Unknown",
-                        max_epochs=max_epochs, progress=False, seed=seed)
+                        max_epochs=max_epochs, progress=False, seed=seed, **(options or {}))
     seconds = time.perf_counter() - start
     probs = model.predict(train, soft=True)
     temperature = model.calibrate(adata[held].copy(), labels_key=key)
@@ -114,6 +119,19 @@ def run_scanvi(python, adata, key, labelled, seed):
         return pd.read_csv(out, index_col=0), info["seconds"]
 
 
+def summary(table: pd.DataFrame) -> pd.DataFrame:
+    """Mean and standard deviation over the seeds of each data set, fraction and method."""
+    columns = [c for c in ("accuracy", "balanced_accuracy", "ece", "ece_calibrated", "seconds")
+               if c in table]
+    groups = table.groupby(["data", "fraction", "method"], sort=False)[columns]
+    mean, sd = groups.mean(), groups.std()
+    out = mean.copy()
+    for c in columns:
+        out[f"{c}_sd"] = sd[c]
+    out.insert(0, "seeds", groups.size())
+    return out.reset_index()
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", nargs="+", default=["bladder", "pbmc68k"])
@@ -122,7 +140,12 @@ def main(argv=None):
     parser.add_argument("--max-epochs", type=int, default=200)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--scvi", default=None, help="a Python with scvi-tools 1.4")
+    parser.add_argument("--methods", nargs="+", default=["pyrovae", "knn", "scanvi"],
+                        choices=["pyrovae", "knn", "scanvi"])
+    parser.add_argument("--out", default=None, help="a CSV file the rows are appended to")
+    parser.add_argument("--fit-options", default="{}", help="JSON: more fit() options for pyrovae")
     args = parser.parse_args(argv)
+    options = json.loads(args.fit_options)
     torch.set_num_threads(args.threads)
     rows = []
     for name in args.data:
@@ -136,22 +159,31 @@ def main(argv=None):
                 labelled, held = split(adata.n_obs, fraction, seed)
                 cells = ~labelled
                 base = {"data": name, "fraction": fraction, "seed": seed}
-                probs, calibrated, seconds, temperature = run_pyrovae(
-                    adata, key, labelled, held, args.max_epochs, seed)
-                row = {**base, "method": "pyrovae", **scores(truth, probs, cells), "seconds": seconds}
-                row["ece_calibrated"] = scores(truth, calibrated, cells)["ece"]
-                row["temperature"] = temperature
-                rows.append(row)
-                probs, seconds = run_knn(adata, key, labelled, args.max_epochs, seed)
-                rows.append({**base, "method": "knn", **scores(truth, probs, cells), "seconds": seconds})
-                if args.scvi:
+                new = []
+                if "pyrovae" in args.methods:
+                    probs, calibrated, seconds, temperature = run_pyrovae(
+                        adata, key, labelled, held, args.max_epochs, seed, options)
+                    row = {**base, "method": "pyrovae", **scores(truth, probs, cells), "seconds": seconds}
+                    row["ece_calibrated"] = scores(truth, calibrated, cells)["ece"]
+                    row["temperature"] = temperature
+                    new.append(row)
+                if "knn" in args.methods:
+                    probs, seconds = run_knn(adata, key, labelled, args.max_epochs, seed)
+                    new.append({**base, "method": "knn", **scores(truth, probs, cells), "seconds": seconds})
+                if args.scvi and "scanvi" in args.methods:
                     probs, seconds = run_scanvi(args.scvi, adata, key, labelled, seed)
                     if probs is not None:
-                        rows.append({**base, "method": "scanvi", **scores(truth, probs, cells),
-                                     "seconds": seconds})
-                print(pd.DataFrame(rows).tail(3).to_string(), flush=True)
+                        new.append({**base, "method": "scanvi", **scores(truth, probs, cells),
+                                    "seconds": seconds})
+                rows += new
+                if args.out and new:
+                    out = Path(args.out)
+                    pd.DataFrame(new).to_csv(out, mode="a", header=not out.exists(), index=False)
+                print(pd.DataFrame(new).to_string(), flush=True)
     table = pd.DataFrame(rows)
     print(markdown(table) if len(table) else "no data")
+    if len(table):
+        print("\nmean over seeds\n" + markdown(summary(table)))
     return table
 
 

@@ -45,6 +45,7 @@ def fit(
     prior: Literal["normal", "gmm", "vamp", "labels"] | Prior = "normal",
     unlabeled_category: str | None = None,
     classification_weight: float = 50.0,
+    class_balance: bool = True,
     calibration_fraction: float = 0.0,
     n_clusters: int | None = None,
     mode: Literal["enumerate", "gumbel", "marginal"] = "enumerate",
@@ -115,6 +116,11 @@ def fit(
     classification_weight
         For ``prior="labels"``: the weight of M2's classification term ``log q(y | x)``
         on the labelled cells.
+    class_balance
+        For ``prior="labels"``: weigh each labelled cell's classification term by the
+        inverse of its label's share of the labelled cells (normalised to average 1), so
+        that rare types weigh as much as common ones
+        (:class:`pyrovae.labels.SemiSupervised`'s ``class_balance``).
     calibration_fraction
         For ``prior="labels"``: the share of the labelled cells (drawn with ``seed``) whose
         labels are hidden in training and then used to calibrate ``q(y | x)`` by
@@ -213,10 +219,16 @@ def fit(
         obs, var_names = adata.obs, adata.var_names
     else:
         raise TypeError(f"expected an AnnData or .h5ad path(s), got {type(adata).__name__}")
+    held = None
+    if semi_supervised and calibration_fraction > 0:  # before the prior counts the labels
+        adata, held = hide_labels(adata, labels_key, unlabeled_category or "Unknown",
+                                  calibration_fraction, seed)
+        obs = held[0].obs
     if semi_supervised:
         prior = labels_prior(CovariateSpec.from_obs(obs, labels_key=labels_key),
                              unlabeled_category=unlabeled_category or "Unknown",
-                             classification_weight=classification_weight)
+                             classification_weight=classification_weight,
+                             class_balance=class_balance, obs=obs)
     total = max_epochs or default_max_epochs(len(obs))
     if pretrain_epochs is None:
         pretrain_epochs = min(kl_warmup_epochs, total // 2)
@@ -248,9 +260,6 @@ def fit(
         "pretrain_epochs": pretrain_epochs if staged else 0, "key_added": key_added,
         "plan": asdict(plan), "prior": prior.name, "prior_config": prior.config(),
     }
-    held = None
-    if semi_supervised and calibration_fraction > 0:
-        adata, held = hide_labels(adata, labels_key, prior.unlabeled_category, calibration_fraction, seed)
     _fit_stages(model, adata if held is None else held[0], plan, run, prior=prior)
     if held is not None:
         model.calibrate(adata[held[1]], labels_key=labels_key)

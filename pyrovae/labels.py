@@ -75,6 +75,14 @@ class SemiSupervised(GaussianMixture):
         ``alpha``, the weight of ``log q(c | x)`` for labelled cells (50, as scANVI).
     learn_weights
         Learn the label proportions ``pi``.
+    class_balance
+        Weigh each labelled cell's classification term by ``n / (K' n_c)`` (``n`` labelled
+        cells, ``n_c`` of them with label ``c``, ``K'`` labels with at least one cell), so
+        that every label counts alike in it and the weights average 1 over the labelled
+        cells: a rare type is then not drowned by the common ones. Needs
+        ``label_counts``; without them the weights are 1.
+    label_counts
+        The number of labelled training cells of each of ``labels``.
     """
 
     name = "labels"
@@ -88,6 +96,8 @@ class SemiSupervised(GaussianMixture):
         unlabeled_category: str = "Unknown",
         classification_weight: float = 50.0,
         learn_weights: bool = True,
+        class_balance: bool = False,
+        label_counts: Sequence[int] | None = None,
     ):
         labels = [str(x) for x in labels]
         if len(labels) < 2:
@@ -98,6 +108,9 @@ class SemiSupervised(GaussianMixture):
             raise ValueError(f"the unlabeled category {unlabeled_category!r} is among the known labels")
         if classification_weight < 0:
             raise ValueError(f"classification_weight must be >= 0, got {classification_weight}")
+        if label_counts is not None and (len(label_counts) != len(labels) or min(label_counts) < 0):
+            raise ValueError(f"label_counts must give a count >= 0 for each of the {len(labels)} "
+                             f"labels, got {list(label_counts)}")
         super().__init__(len(labels), mode="enumerate", learn_weights=learn_weights,
                          init="random", conditional_posterior=False)
         codes = [str(x) for x in (label_codes if label_codes is not None else labels)]
@@ -112,12 +125,17 @@ class SemiSupervised(GaussianMixture):
         self.register_buffer("code_to_class", torch.tensor(
             [labels.index(c) if c in labels else -1 for c in codes], dtype=torch.long))
         self.register_buffer("calibration_temperature", torch.tensor(1.0))
+        self.class_balance = bool(class_balance)
+        self.label_counts = None if label_counts is None else [int(c) for c in label_counts]
+        self.register_buffer("class_weight", _class_weights(self.label_counts, len(labels))
+                             if self.class_balance else torch.ones(len(labels)))
 
     def config(self) -> dict[str, Any]:
         return {"labels": self.labels, "label_codes": self.label_codes,
                 "unlabeled_category": self.unlabeled_category,
                 "classification_weight": self.classification_weight,
-                "learn_weights": self.learn_weights}
+                "learn_weights": self.learn_weights, "class_balance": self.class_balance,
+                "label_counts": self.label_counts}
 
     def _known(self, label: torch.Tensor):
         """Class index (clamped at 0) and whether it is known, per cell."""
@@ -147,13 +165,19 @@ class SemiSupervised(GaussianMixture):
         pyro.sample("y", dist.Categorical(logits=q_logits), infer={"enumerate": "parallel"})
         if self.classification_weight > 0:  # in the guide: -log q enters the ELBO, hence the sign
             log_q = logits.log_softmax(-1).gather(-1, cls.unsqueeze(-1)).squeeze(-1)
-            pyro.factor("classification", -self.classification_weight * log_q * known,
+            weight = self.classification_weight * self.class_weight[cls]
+            pyro.factor("classification", -weight * log_q * known,
                         has_rsample=False)
         loc, scale = encoder.loc(h), encoder.to_scale(encoder.scale(h))
         return pyro.sample("z", dist.Normal(loc, scale).to_event(1))
 
     def initialize(self, latent: torch.Tensor, x: torch.Tensor) -> None:
         self.initialized.fill_(True)  # the labelled cells place the components
+
+    def always_train(self, label: np.ndarray) -> np.ndarray:
+        """The labelled cells: validation takes only unlabelled ones, so that no known
+        label is kept from training (they are few where labels are scarce)."""
+        return self.code_to_class.cpu().numpy()[np.asarray(label)] >= 0
 
     # ---- summaries of q --------------------------------------------------------
     def label_logits(self, encoder: Encoder, x: torch.Tensor) -> torch.Tensor:
@@ -164,10 +188,24 @@ class SemiSupervised(GaussianMixture):
         return (self.label_logits(encoder, x) / self.calibration_temperature).softmax(-1)
 
 
+def _class_weights(counts: Sequence[int] | None, n_labels: int) -> torch.Tensor:
+    """``n / (K' n_c)`` for each label with ``n_c > 0`` labelled cells (``K'`` such labels,
+    ``n`` cells in all), 1 for the others and for all when ``counts`` is None."""
+    if counts is None:
+        return torch.ones(n_labels)
+    n = torch.as_tensor(counts, dtype=torch.float32)
+    present = n > 0
+    if not present.any():
+        return torch.ones(n_labels)
+    return torch.where(present, n.sum() / (present.sum() * n.clamp(min=1)), torch.ones(n_labels))
+
+
 def labels_prior(covariates: "CovariateSpec", *, unlabeled_category: str = "Unknown",
-                 classification_weight: float = 50.0) -> SemiSupervised:
+                 classification_weight: float = 50.0, class_balance: bool = True,
+                 obs: pd.DataFrame | None = None) -> SemiSupervised:
     """The :class:`SemiSupervised` prior for a model's labels column: its known labels
-    are the column's categories but ``unlabeled_category``."""
+    are the column's categories but ``unlabeled_category``; ``obs`` (the training cells'
+    ``adata.obs``) gives the label counts that ``class_balance`` needs."""
     if not covariates.labels_key:
         raise ValueError("the 'labels' prior needs labels_key, the adata.obs column of the labels")
     codes = list(covariates.labels)
@@ -175,8 +213,13 @@ def labels_prior(covariates: "CovariateSpec", *, unlabeled_category: str = "Unkn
     if len(known) == len(codes):
         warnings.warn(f"no cell of adata.obs[{covariates.labels_key!r}] is {unlabeled_category!r}: "
                       "every cell is labelled", UserWarning, stacklevel=3)
+    counts = None
+    if obs is not None:
+        column = obs[covariates.labels_key].astype(str)
+        counts = [int((column == c).sum()) for c in known]
     return SemiSupervised(known, label_codes=codes, unlabeled_category=unlabeled_category,
-                          classification_weight=classification_weight)
+                          classification_weight=classification_weight,
+                          class_balance=class_balance, label_counts=counts)
 
 
 def with_labels_column(covariates: "CovariateSpec", obs: pd.DataFrame, labels_key: str) -> "CovariateSpec":

@@ -125,6 +125,11 @@ class Prior(LocalPyroModule):
     def on_epoch(self, epoch: int) -> None:
         """Called at the start of each training epoch (0-based), e.g. for schedules."""
 
+    def always_train(self, label: np.ndarray) -> np.ndarray | None:
+        """Cells (a boolean mask, from each cell's label code) that training must not hold
+        out for validation; None for none (the default)."""
+        return None
+
     @contextlib.contextmanager
     def evaluation(self) -> Iterator[None]:
         """The sites to score and sample with after training (the trained ones by default)."""

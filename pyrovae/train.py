@@ -304,13 +304,23 @@ def seeded(seed: int, device: torch.device) -> Iterator[None]:
         yield
 
 
-def split_cells(n_obs: int, fraction: float, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-    """Random training and validation positions (validation empty if it would be < 1 cell)."""
+def split_cells(n_obs: int, fraction: float, rng: np.random.Generator,
+                keep: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Random training and validation positions (validation empty if it would be < 1 cell).
+
+    ``keep`` (a boolean mask) marks cells that always train: the validation cells, still
+    ``round(n_obs * fraction)`` of them or as many as there are, come from the others.
+    """
     n_val = int(round(n_obs * fraction))
     if n_obs - n_val < 2:
         raise ValueError(f"{n_obs} cells leave too few to train on; at least 2 are needed")
-    perm = rng.permutation(n_obs)
-    return np.sort(perm[n_val:]), np.sort(perm[:n_val])
+    if keep is None or not keep.any():
+        perm = rng.permutation(n_obs)
+        return np.sort(perm[n_val:]), np.sort(perm[:n_val])
+    others = np.flatnonzero(~keep)
+    val = np.sort(rng.permutation(others)[:min(n_val, len(others))])
+    train = np.setdiff1d(np.arange(n_obs), val)
+    return train, val
 
 
 def adam(params, plan: TrainingPlan) -> torch.optim.Adam:
@@ -550,7 +560,8 @@ def _loop(module, data, plan, device, shard, max_epochs, warmup_done, state, res
     module.to(device)
     data = on_device(data, device)
     rng = np.random.default_rng(plan.seed)  # alike on every rank: the same split and batches
-    train_idx, val_idx = split_cells(data.n_obs, plan.validation_fraction, rng)
+    keep = module.prior.always_train(data.encoded.label)  # the labelled cells of 'labels'
+    train_idx, val_idx = split_cells(data.n_obs, plan.validation_fraction, rng, keep)
     n_train = len(train_idx)
     alone = shard[1] == 1
     # the data were checked once when read: Pyro's per-step argument and support checks

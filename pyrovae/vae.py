@@ -147,7 +147,8 @@ class VAE:
             Constructor arguments of the prior given by name, e.g. ``n_clusters=10``; for
             ``"labels"`` (:class:`pyrovae.labels.SemiSupervised`): ``labels_key`` (the
             ``adata.obs`` column of the known labels, read by the model from then on),
-            ``unlabeled_category`` (default ``"Unknown"``) and ``classification_weight``.
+            ``unlabeled_category`` (default ``"Unknown"``), ``classification_weight`` and
+            ``class_balance``.
 
         Returns
         -------
@@ -180,7 +181,8 @@ class VAE:
         return self
 
     def _labels_prior(self, adata, *, labels_key: str | None = None,
-                      unlabeled_category: str = "Unknown", classification_weight: float = 50.0):
+                      unlabeled_category: str = "Unknown", classification_weight: float = 50.0,
+                      class_balance: bool = True):
         """The ``"labels"`` prior for ``set_prior``; reads the labels column from now on."""
         from .labels import labels_prior, with_labels_column
 
@@ -191,7 +193,8 @@ class VAE:
         spec = with_labels_column(self.covariates, adata.obs, key)
         self.covariates = spec
         return labels_prior(spec, unlabeled_category=unlabeled_category,
-                            classification_weight=classification_weight)
+                            classification_weight=classification_weight,
+                            class_balance=class_balance, obs=adata.obs)
 
     def with_prior(self, prior: str | Prior, adata: ad.AnnData | None = None, **options) -> "VAE":
         """A copy of this model with another prior; this model is left exactly as it is.

@@ -330,3 +330,124 @@ def test_labels_benchmark_runs_with_a_tiny_budget():
     table = bench.main(["--data", "pbmc68k", "--max-epochs", "2"])
     assert set(table["method"]) == {"pyrovae", "knn"}
     assert table[["accuracy", "balanced_accuracy", "ece"]].notna().all().all()
+
+
+def test_class_balance_weighs_each_label_alike(small, quick):
+    prior = SemiSupervised(["a", "b", "c", "d"], class_balance=True, label_counts=[30, 10, 0, 60])
+    w = prior.class_weight.numpy()
+    # n / (K' n_c) with n = 100 labelled cells, K' = 3 labels present; 1 where no cell
+    np.testing.assert_allclose(w, [100 / 90, 100 / 30, 1.0, 100 / 180], rtol=1e-6)
+    np.testing.assert_allclose((w * [30, 10, 0, 60]).sum() / 100, 1.0, rtol=1e-6)
+    assert (SemiSupervised(["a", "b"], label_counts=[5, 1]).class_weight == 1).all()
+    with pytest.raises(ValueError, match="label_counts"):
+        SemiSupervised(["a", "b"], class_balance=True, label_counts=[5])
+    # fit counts the training labels, those hidden for calibration left out
+    known = labelled(small, fraction=0.3)
+    model = pyrovae.fit(small, labels_key="lab", unlabeled_category="Unknown", class_balance=True,
+                        calibration_fraction=0.25, **quick)
+    counts = model.prior.label_counts
+    assert sum(counts) == known.sum() - round(0.25 * known.sum())
+    truth = small.obs["lab"].astype(str)
+    assert all(counts[i] <= (truth == c).sum() for i, c in enumerate(model.prior.labels))
+    # the classification term of a labelled cell is -alpha w_c log q(c | x)
+    args = model.model_args(small, indices=np.arange(60))
+    model.module.eval()
+    with torch.no_grad():
+        guide = poutine.trace(model.guide).get_trace(*args)
+        guide.compute_log_prob()
+        x, _, covariates = args[:3]
+        log_q = model.prior.label_logits(model.module.guide.encoder,
+                                         model.module.guide.encoder_input(x, covariates)).log_softmax(-1)
+    cls = model.prior.code_to_class[args[4]]
+    on = cls >= 0
+    expected = -model.prior.classification_weight * model.prior.class_weight[cls[on]] * log_q[on, cls[on]]
+    factor = guide.nodes["classification"]["log_prob"]
+    scale = small.n_obs / 60  # the cells plate's subsample scale, in the trace's log_prob
+    torch.testing.assert_close(factor[on], scale * expected, rtol=1e-5, atol=1e-4)
+    assert (factor[~on] == 0).all()
+
+
+def test_class_balance_survives_save_and_load(small, quick, tmp_path):
+    labelled(small, fraction=0.3)
+    model = pyrovae.fit(small, labels_key="lab", unlabeled_category="Unknown", class_balance=True, **quick)
+    assert model.prior.class_balance and not torch.allclose(model.prior.class_weight, torch.ones(4))
+    model.save(tmp_path / "m.pt")
+    back = pyrovae.load(tmp_path / "m.pt")
+    torch.testing.assert_close(back.prior.class_weight, model.prior.class_weight)
+    assert back.prior.label_counts == model.prior.label_counts
+
+
+def test_labelled_cells_are_never_held_out_for_validation(fitted):
+    from pyrovae.train import split_cells
+
+    model, adata, known = fitted
+    keep = model.prior.always_train(model.model_args(adata)[4].numpy())
+    np.testing.assert_array_equal(keep, known)
+    train, val = split_cells(adata.n_obs, 0.2, np.random.default_rng(0), keep)
+    assert len(val) == round(0.2 * adata.n_obs) and not keep[val].any()
+    np.testing.assert_array_equal(np.sort(np.concatenate([train, val])), np.arange(adata.n_obs))
+    # as many as there are when the unlabelled cells are fewer than the validation share
+    few = np.ones(adata.n_obs, dtype=bool)
+    few[:3] = False
+    train, val = split_cells(adata.n_obs, 0.2, np.random.default_rng(0), few)
+    np.testing.assert_array_equal(val, [0, 1, 2])
+    # without keep, the split is the one of every other prior
+    a = split_cells(adata.n_obs, 0.2, np.random.default_rng(0))
+    b = split_cells(adata.n_obs, 0.2, np.random.default_rng(0), None)
+    np.testing.assert_array_equal(a[1], b[1])
+    assert pyrovae.priors.Prior().always_train(np.zeros(5, dtype=int)) is None
+
+
+def _loss(model, args, seed=3):
+    model.module.eval()
+    with torch.no_grad(), pyro.validation_enabled(False):
+        torch.manual_seed(seed)
+        return TraceEnum_ELBO(max_plate_nesting=1).loss(model.model, model.guide, *args)
+
+
+def test_all_labelled_loss_is_the_supervised_sum(fitted):
+    """Every cell labelled: loss = -sum [log p(x|z) + log p(z|c) + log p(c) - log q(z|x)]
+    - sum alpha w_c log q(c|x); the enumerated y cancels."""
+    model, adata, _ = fitted
+    full = adata[:40].copy()
+    full.obs["lab"] = pd.Categorical(full.obs["cluster"].astype(str),
+                                     categories=adata.obs["lab"].cat.categories)
+    args = model.model_args(full)
+    args = args[:-2] + (torch.arange(full.n_obs), full.n_obs)
+    cls = model.prior.code_to_class[args[4]]
+    assert (cls >= 0).all()
+    loss = _loss(model, args)
+    with torch.no_grad(), pyro.validation_enabled(False):
+        torch.manual_seed(3)  # y fixed (any value: it cancels), so that z is the same draw
+        y = {"y": torch.zeros(full.n_obs, dtype=torch.long)}
+        guide = poutine.trace(poutine.condition(model.guide, data=y)).get_trace(*args)
+        trace = poutine.trace(poutine.replay(poutine.condition(model.model, data=y), guide)).get_trace(*args)
+        trace.compute_log_prob()
+        guide.compute_log_prob()
+        x, _, covariates = args[:3]
+        log_q = model.prior.label_logits(model.module.guide.encoder,
+                                         model.module.guide.encoder_input(x, covariates)).log_softmax(-1)
+        prior = model.prior
+        z = guide.nodes["z"]["value"]
+        log_pz = torch.distributions.Normal(prior.locs[cls], prior.scales[cls]).log_prob(z).sum(-1)
+        log_py = prior.weight_logits.log_softmax(-1)[cls]
+        elbo = trace.nodes["x"]["log_prob"] + log_pz + log_py - guide.nodes["z"]["log_prob"]
+        classification = prior.classification_weight * prior.class_weight[cls] * log_q.gather(
+            -1, cls.unsqueeze(-1)).squeeze(-1)
+    np.testing.assert_allclose(loss, -float((elbo + classification).sum()), rtol=1e-4)
+
+
+def test_none_labelled_loss_is_the_unsupervised_mixture(fitted):
+    model, adata, _ = fitted
+    none = adata[:40].copy()
+    none.obs["lab"] = pd.Categorical(["Unknown"] * none.n_obs, categories=adata.obs["lab"].cat.categories)
+    args = model.model_args(none)
+    args = args[:-2] + (torch.arange(none.n_obs), none.n_obs)
+    assert (model.prior.code_to_class[args[4]] < 0).all()
+    semi = _loss(model, args)
+    model.prior.takes_labels = False  # the plain GaussianMixture sites (label=None)
+    try:
+        plain = _loss(model, args)
+    finally:
+        del model.prior.takes_labels
+    np.testing.assert_allclose(semi, plain, rtol=1e-5)
