@@ -86,7 +86,10 @@ def run_pyrovae(adata, key, labelled, held, max_epochs, seed, options=None):
                         max_epochs=max_epochs, progress=False, seed=seed, **(options or {}))
     seconds = time.perf_counter() - start
     probs = model.predict(train, soft=True)
-    temperature = model.calibrate(adata[held].copy(), labels_key=key)
+    if np.isin(adata.obs[key].astype(str).to_numpy()[held], model.prior.labels).any():
+        temperature = model.calibrate(adata[held].copy(), labels_key=key)
+    else:  # a tiny fraction: no held-out cell has a label the model trained on
+        temperature = float("nan")
     calibrated = model.predict(train, soft=True)
     return probs, calibrated, seconds, temperature
 

@@ -255,6 +255,11 @@ def hide_labels(adata: "ad.AnnData", labels_key: str, unlabeled_category: str, f
                          "leaves no cell to calibrate on or none to train on")
     held = np.zeros(adata.n_obs, dtype=bool)
     held[np.random.default_rng(seed).choice(known, size=n, replace=False)] = True
+    trained = set(values[known[~held[known]]])
+    if not trained & set(values[held]):
+        raise ValueError(f"calibration_fraction={fraction} holds out {n} labelled cells whose labels "
+                         f"({', '.join(sorted(set(values[held])))}) no training cell has, so there is "
+                         "nothing to calibrate on; label more cells or use calibration_fraction=0")
     obs = adata.obs.copy()
     column = obs[labels_key].astype(str)
     column[held] = unlabeled_category

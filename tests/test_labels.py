@@ -324,6 +324,18 @@ def test_fit_calibration_fraction_hides_and_calibrates(small, quick):
         pyrovae.fit(small, labels_key="lab", unlabeled_category="Unknown", calibration_fraction=1.5, **quick)
 
 
+def test_a_calibration_hold_out_with_no_trained_label_is_refused_before_training(small, quick):
+    small.obs["lab"] = pd.Categorical(["Unknown"] * small.n_obs)
+    values = small.obs["lab"].astype(str).to_numpy().copy()
+    values[:2] = ["a", "b"]  # two labelled cells of two types: any hold-out leaves its type untrained
+    small.obs["lab"] = pd.Categorical(values)
+    before = small.copy()
+    with pytest.raises(ValueError, match="no training cell has"):
+        pyrovae.fit(small, labels_key="lab", unlabeled_category="Unknown",
+                    calibration_fraction=0.5, **quick)
+    assert "X_pyrovae" not in small.obsm and list(small.obs.columns) == list(before.obs.columns)
+
+
 def test_labels_benchmark_runs_with_a_tiny_budget():
     from benchmarks import labels as bench
 
