@@ -276,21 +276,6 @@ def _require(model: "VAE") -> SemiSupervised:
     return model.prior
 
 
-def _with_label_column(model: "VAE", adata: "ad.AnnData") -> "ad.AnnData":
-    """``adata``, or a light copy whose labels column says every cell is unlabelled when
-    it has no such column (a query data set)."""
-    import anndata as ad
-
-    prior = _require(model)
-    key = model.covariates.labels_key
-    if key in adata.obs:
-        return adata
-    obs = adata.obs.copy()
-    obs[key] = prior.unlabeled_category
-    layers = {model.layer: adata.layers[model.layer]} if model.layer else None
-    return ad.AnnData(X=adata.X, obs=obs, var=adata.var[[]], layers=layers)
-
-
 def predict(model: "VAE", adata: "ad.AnnData", *, soft: bool = False,
             batch_size: int = 1024) -> pd.Series | pd.DataFrame:
     """The label of each cell by ``argmax q(y | x)``, or ``q(y | x)`` itself.
@@ -313,7 +298,7 @@ def predict(model: "VAE", adata: "ad.AnnData", *, soft: bool = False,
     probabilities are temperature-scaled when :func:`calibrate` was run.
     """
     prior = _require(model)
-    probs = model.get_cluster_probs(_with_label_column(model, adata), batch_size=batch_size)
+    probs = model.get_cluster_probs(adata, batch_size=batch_size)
     index = pd.Index(adata.obs_names)
     if soft:
         return pd.DataFrame(probs, index=index, columns=prior.labels)
@@ -407,7 +392,7 @@ def calibrate(model: "VAE", adata: "ad.AnnData", *, labels_key: str | None = Non
     if known.sum() == 0:
         raise ValueError(f"no cell of adata.obs[{key!r}] has a known label {prior.labels}")
     target = torch.tensor([prior.labels.index(v) for v in values[known]])
-    logits = torch.as_tensor(model._map(_with_label_column(model, adata[known]),
+    logits = torch.as_tensor(model._map(adata[known],
                                         lambda enc, x: prior.label_logits(enc, x), 1024)).double()
     log_t = torch.zeros((), dtype=torch.float64, requires_grad=True)
     optimizer = torch.optim.LBFGS([log_t], lr=0.5, max_iter=steps)
