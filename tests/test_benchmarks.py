@@ -263,7 +263,7 @@ def test_mixtures_benchmark_automatic_k_against_leiden(tmp_path, capsys, keep_th
                            "--max-epochs", "4", "--label-key", "cluster", "--threads", "1",
                            "--csv", str(csv)])
     assert list(table["contender"]) == [f"normal + Leiden {r}" for r in mixtures.LEIDEN_RESOLUTIONS] + [
-        "gmm auto-K enumerate", "gmm auto-K marginal"]
+        "gmm auto-K merged_leiden enumerate", "gmm auto-K merged_leiden marginal"]
     assert table[["K", "ari", "nmi", "held_out_elbo", "s_per_epoch"]].notna().all().all()
     assert (table["K"] >= 2).all()
     capsys.readouterr()
