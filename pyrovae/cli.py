@@ -67,9 +67,10 @@ _OPTIONS = {"max_epochs": "--max-epochs", "batch_size": "--batch-size", "seed": 
 
 
 def _as_options(message: str) -> str:
-    """A TrainingPlan message with its field names written as this command's options
-    (``max_epochs`` -> ``--max-epochs``); other words (paths) are left as they are."""
-    return re.sub(r"(?<![\w/.-])(" + "|".join(_OPTIONS) + r")(?![\w/.-])",
+    """A TrainingPlan message with the field it names written as this command's option
+    (``max_epochs must ...`` -> ``--max-epochs must ...``, ``device='tpu'`` ->
+    ``--device='tpu'``); other words (prose, paths) are left as they are."""
+    return re.sub(r"(?<![\w/.-])(" + "|".join(_OPTIONS) + r")(?=\s*=|\s+must\b)",
                   lambda m: _OPTIONS[m.group(1)], message)
 
 
