@@ -52,7 +52,8 @@ napoleon_use_param = True
 
 #: the submodules with a page in the API reference (docs/api/index.md lists the same)
 MODULES = ("priors", "likelihoods", "criticism", "metrics", "plotting", "de", "imputation",
-           "datasets", "testing", "checkpoint", "train", "nn", "module", "progress")
+           "datasets", "testing", "checkpoint", "train", "nn", "module", "progress", "files",
+           "clusters", "labels", "query")
 
 
 def _top_level() -> dict[str, list[str]]:
