@@ -48,6 +48,7 @@ import argparse
 import sys
 import time
 from pathlib import Path
+from typing import get_args
 
 import numpy as np
 import pandas as pd
@@ -60,7 +61,7 @@ import pyrovae  # noqa: E402
 from benchmarks import data as datasets  # noqa: E402
 from benchmarks.tables import markdown  # noqa: E402
 from pyrovae.data import read_data  # noqa: E402
-from pyrovae.priors import GaussianMixture  # noqa: E402
+from pyrovae.priors import GaussianMixture, KRule  # noqa: E402
 
 MODES = ["enumerate", "gumbel", "marginal"]
 
@@ -146,7 +147,7 @@ def run(name: str, adata, seed: int, n_clusters: list[int] | None = None,
 LEIDEN_RESOLUTIONS = (0.5, 1.0, 2.0)
 
 
-K_RULES = ["merged_leiden", "leiden", "stable_leiden"]
+K_RULES = list(get_args(KRule))  # the default rule first
 
 
 def run_auto(name: str, adata, seed: int, modes: list[str], max_epochs: int | None = None,

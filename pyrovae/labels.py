@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from typing import TYPE_CHECKING, Any, Literal, Sequence
+from typing import TYPE_CHECKING, Any, Literal, Sequence, get_args
 
 import numpy as np
 import pandas as pd
@@ -307,7 +307,7 @@ def predict(model: "VAE", adata: "ad.AnnData", *, soft: bool = False,
 
 
 NoveltyScore = Literal["entropy", "max_probability", "density", "distance"]
-NOVELTY_SCORES: tuple[str, ...] = ("entropy", "max_probability", "density", "distance")
+NOVELTY_SCORES: tuple[str, ...] = get_args(NoveltyScore)
 
 
 def novelty(model: "VAE", adata: "ad.AnnData", *, score: NoveltyScore = "entropy") -> pd.Series:

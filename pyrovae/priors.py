@@ -16,7 +16,7 @@ from __future__ import annotations
 import contextlib
 import math
 import warnings
-from typing import Any, Callable, Iterator, Literal, Sequence, TypeVar
+from typing import Any, Callable, Iterator, Literal, Sequence, TypeVar, get_args
 
 import numpy as np
 import pyro
@@ -247,8 +247,8 @@ class GaussianMixture(Prior):
         merge_threshold: float = 0.3,
     ):
         super().__init__()
-        if k_rule not in ("merged_leiden", "leiden", "stable_leiden"):
-            raise ValueError(f"k_rule must be 'merged_leiden', 'leiden' or 'stable_leiden', got {k_rule!r}")
+        if k_rule not in get_args(KRule):
+            raise ValueError(f"k_rule must be one of {get_args(KRule)}, got {k_rule!r}")
         if resolution <= 0:
             raise ValueError(f"resolution must be positive, got {resolution}")
         if n_clusters is not None and n_clusters < 2:
