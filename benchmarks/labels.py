@@ -3,7 +3,7 @@ pyrovae latent space and scvi-tools' SCANVI, side by side in one run.
 
     python benchmarks/labels.py [--data bladder pbmc68k] [--seeds 0] [--fractions 0.1]
                                 [--max-epochs 200] [--threads 1] [--scvi PYTHON]
-                                [--methods pyrovae knn scanvi] [--out ROWS.csv]
+                                [--methods pyrovae pyrovae_all knn scanvi] [--out ROWS.csv]
                                 [--fit-options JSON]
 
 For each data set (``benchmarks/data.py``), seed and fraction, the cells with
@@ -13,9 +13,13 @@ For each data set (``benchmarks/data.py``), seed and fraction, the cells with
 * ``pyrovae``: ``pyrovae.fit(labels_key=..., unlabeled_category="Unknown")`` trained on 80 %
   of the labelled cells; the other 20 % (chosen with the same generator) are held out to
   calibrate ``q(y | x)`` by temperature scaling (``model.calibrate``). Its ECE is given
-  before (``ece``) and after (``ece_calibrated``) the calibration.
-* ``knn``: a standard-normal pyrovae VAE on all cells (no labels), then kNN (k = 15) on its
-  latent means trained on all the labelled cells.
+  before (``ece``) and after (``ece_calibrated``) the calibration, and its accuracy and ECE
+  on the held-out cells before calibration (``holdout_accuracy``, ``holdout_ece``).
+* ``pyrovae_all``: the same ``fit`` on all the labelled cells, no calibration: the row to
+  compare with kNN and SCANVI, which use all the labelled cells too.
+* ``knn``: a standard-normal pyrovae VAE on all cells (no labels), then kNN (k = 15, or the
+  number of labelled cells where fewer; ``k`` in the row) on its latent means trained on
+  all the labelled cells.
 * ``scanvi``: scvi-tools ``SCVI`` + ``SCANVI.from_scvi_model(unlabeled_category="Unknown")``
   with their default epochs, run by ``--scvi`` (a Python with scvi-tools) as a
   subprocess (``benchmarks/labels_scvi.py``); skipped when it is not given or fails.
@@ -25,7 +29,8 @@ Reported on the cells not labelled: accuracy, balanced accuracy, ECE (15 bins,
 data set, fraction, seed and method (appended to ``--out`` as each run ends, so that a
 long run keeps what it has done), then their mean and standard deviation over the seeds.
 ``--fit-options`` passes more keyword arguments to the pyrovae contender's ``fit``, e.g.
-``'{"class_balance": false}'``.
+``'{"class_balance": false}'``; the pyrovae rows name their ``classifier_input``
+(``classifier``), and the summary keeps the two apart.
 """
 
 from __future__ import annotations
@@ -76,32 +81,42 @@ def scores(truth, probs: pd.DataFrame, cells: np.ndarray) -> dict:
             "ece": ece}
 
 
-def run_pyrovae(adata, key, labelled, held, max_epochs, seed, options=None):
+def run_pyrovae(adata, key, labelled, held, max_epochs, seed, options=None, calibrate=True):
+    """``(probs, calibrated, seconds, temperature, holdout, classifier)``; without
+    ``calibrate`` every labelled cell trains and ``calibrated``/``holdout`` are None."""
     train = adata.copy()
     values = adata.obs[key].astype(str).to_numpy().copy()
-    values[~labelled | held] = "Unknown"
+    hidden = held if calibrate else np.zeros_like(held)
+    values[~labelled | hidden] = "Unknown"
     train.obs["known"] = pd.Categorical(values)
     start = time.perf_counter()
     model = pyrovae.fit(train, labels_key="known", unlabeled_category="Unknown",
                         max_epochs=max_epochs, progress=False, seed=seed, **(options or {}))
     seconds = time.perf_counter() - start
     probs = model.predict(train, soft=True)
-    if np.isin(adata.obs[key].astype(str).to_numpy()[held], model.prior.labels).any():
+    classifier = model.prior.classifier_input
+    if not calibrate:
+        return probs, None, seconds, float("nan"), None, classifier
+    truth = adata.obs[key].astype(str).to_numpy()
+    holdout = scores(truth, probs, held)
+    if np.isin(truth[held], model.prior.labels).any():
         temperature = model.calibrate(adata[held].copy(), labels_key=key)
     else:  # a tiny fraction: no held-out cell has a label the model trained on
         temperature = float("nan")
     calibrated = model.predict(train, soft=True)
-    return probs, calibrated, seconds, temperature
+    return probs, calibrated, seconds, temperature, holdout, classifier
 
 
 def run_knn(adata, key, labelled, max_epochs, seed):
+    """``(probs, seconds, k)``: k = 15, or the number of labelled cells where fewer."""
     start = time.perf_counter()
     model = pyrovae.fit(adata.copy(), max_epochs=max_epochs, progress=False, seed=seed)
     latent = model.get_latent(adata)
     truth = adata.obs[key].astype(str).to_numpy()
-    knn = KNeighborsClassifier(n_neighbors=15).fit(latent[labelled], truth[labelled])
+    k = int(min(15, labelled.sum()))
+    knn = KNeighborsClassifier(n_neighbors=k).fit(latent[labelled], truth[labelled])
     probs = pd.DataFrame(knn.predict_proba(latent), columns=knn.classes_)
-    return probs, time.perf_counter() - start
+    return probs, time.perf_counter() - start, k
 
 
 def run_scanvi(python, adata, key, labelled, seed):
@@ -122,11 +137,20 @@ def run_scanvi(python, adata, key, labelled, seed):
         return pd.read_csv(out, index_col=0), info["seconds"]
 
 
+def append_rows(path: Path, new: pd.DataFrame) -> None:
+    """Add ``new`` to the CSV file ``path``, its columns matched by name (runs with other
+    methods write other columns)."""
+    if path.exists():
+        new = pd.concat([pd.read_csv(path), new], ignore_index=True)
+    new.to_csv(path, index=False)
+
+
 def summary(table: pd.DataFrame) -> pd.DataFrame:
     """Mean and standard deviation over the seeds of each data set, fraction and method."""
-    columns = [c for c in ("accuracy", "balanced_accuracy", "ece", "ece_calibrated", "seconds")
-               if c in table]
-    groups = table.groupby(["data", "fraction", "method"], sort=False)[columns]
+    columns = [c for c in ("accuracy", "balanced_accuracy", "ece", "ece_calibrated",
+                           "holdout_accuracy", "holdout_ece", "seconds") if c in table]
+    keys = ["data", "fraction", "method"] + (["classifier"] if "classifier" in table else [])
+    groups = table.groupby(keys, sort=False, dropna=False)[columns]
     mean, sd = groups.mean(), groups.std()
     out = mean.copy()
     for c in columns:
@@ -144,7 +168,7 @@ def main(argv=None):
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--scvi", default=None, help="a Python with scvi-tools 1.4")
     parser.add_argument("--methods", nargs="+", default=["pyrovae", "knn", "scanvi"],
-                        choices=["pyrovae", "knn", "scanvi"])
+                        choices=["pyrovae", "pyrovae_all", "knn", "scanvi"])
     parser.add_argument("--out", default=None, help="a CSV file the rows are appended to")
     parser.add_argument("--fit-options", default="{}", help="JSON: more fit() options for pyrovae")
     args = parser.parse_args(argv)
@@ -164,15 +188,23 @@ def main(argv=None):
                 base = {"data": name, "fraction": fraction, "seed": seed}
                 new = []
                 if "pyrovae" in args.methods:
-                    probs, calibrated, seconds, temperature = run_pyrovae(
+                    probs, calibrated, seconds, temperature, holdout, classifier = run_pyrovae(
                         adata, key, labelled, held, args.max_epochs, seed, options)
-                    row = {**base, "method": "pyrovae", **scores(truth, probs, cells), "seconds": seconds}
+                    row = {**base, "method": "pyrovae", "classifier": classifier,
+                           **scores(truth, probs, cells), "seconds": seconds}
                     row["ece_calibrated"] = scores(truth, calibrated, cells)["ece"]
                     row["temperature"] = temperature
+                    row["holdout_accuracy"], row["holdout_ece"] = holdout["accuracy"], holdout["ece"]
                     new.append(row)
+                if "pyrovae_all" in args.methods:
+                    probs, _, seconds, _, _, classifier = run_pyrovae(
+                        adata, key, labelled, held, args.max_epochs, seed, options, calibrate=False)
+                    new.append({**base, "method": "pyrovae_all", "classifier": classifier,
+                                **scores(truth, probs, cells), "seconds": seconds})
                 if "knn" in args.methods:
-                    probs, seconds = run_knn(adata, key, labelled, args.max_epochs, seed)
-                    new.append({**base, "method": "knn", **scores(truth, probs, cells), "seconds": seconds})
+                    probs, seconds, k = run_knn(adata, key, labelled, args.max_epochs, seed)
+                    new.append({**base, "method": "knn", **scores(truth, probs, cells),
+                                "seconds": seconds, "k": k})
                 if args.scvi and "scanvi" in args.methods:
                     probs, seconds = run_scanvi(args.scvi, adata, key, labelled, seed)
                     if probs is not None:
@@ -180,8 +212,7 @@ def main(argv=None):
                                     "seconds": seconds})
                 rows += new
                 if args.out and new:
-                    out = Path(args.out)
-                    pd.DataFrame(new).to_csv(out, mode="a", header=not out.exists(), index=False)
+                    append_rows(Path(args.out), pd.DataFrame(new))
                 print(pd.DataFrame(new).to_string(), flush=True)
     table = pd.DataFrame(rows)
     print(markdown(table) if len(table) else "no data")

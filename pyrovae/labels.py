@@ -24,6 +24,7 @@ from torch.nn import functional as F
 
 from .nn import Encoder
 from .priors import GaussianMixture, register_prior
+from .train import user_stacklevel
 
 if TYPE_CHECKING:
     import anndata as ad
@@ -31,8 +32,12 @@ if TYPE_CHECKING:
     from .data import CovariateSpec
     from .vae import VAE
 
-__all__ = ["CLASSIFIER_INPUTS", "NOVELTY_SCORES", "SemiSupervised", "calibrate", "hide_labels", "labels_prior", "novelty", "predict", "with_labels_column"]
+__all__ = ["CLASSIFIER_INPUTS", "MIN_CALIBRATION_CELLS", "NOVELTY_SCORES", "SemiSupervised", "calibrate", "hide_labels", "labels_prior", "novelty", "predict", "with_labels_column"]
 
+
+#: below this many labelled cells :func:`calibrate` warns: a temperature fitted on few cells
+#: is unreliable (on bladder, 10 % labels, one seed's ~40 held-out cells gave a worse ECE)
+MIN_CALIBRATION_CELLS = 100
 
 ClassifierInput = Literal["body", "latent"]
 CLASSIFIER_INPUTS: tuple[str, ...] = get_args(ClassifierInput)
@@ -420,6 +425,11 @@ def calibrate(model: "VAE", adata: "ad.AnnData", *, labels_key: str | None = Non
         Column of the labels; the model's labels column by default.
     steps
         L-BFGS iterations on ``log T``.
+
+    Warns
+    -----
+    UserWarning
+        When fewer than :data:`MIN_CALIBRATION_CELLS` cells have a known label.
     """
     prior = _require(model)
     key = labels_key or model.covariates.labels_key
@@ -427,6 +437,11 @@ def calibrate(model: "VAE", adata: "ad.AnnData", *, labels_key: str | None = Non
     known = np.isin(values, prior.labels)
     if known.sum() == 0:
         raise ValueError(f"no cell of adata.obs[{key!r}] has a known label {prior.labels}")
+    if known.sum() < MIN_CALIBRATION_CELLS:
+        warnings.warn(f"calibrating on {int(known.sum())} labelled cells (fewer than "
+                      f"{MIN_CALIBRATION_CELLS}): a temperature fitted on few cells is unreliable "
+                      "and can make the calibration worse; hold out more labelled cells",
+                      UserWarning, stacklevel=user_stacklevel())
     target = torch.tensor([prior.labels.index(v) for v in values[known]])
     logits = torch.as_tensor(model._map(adata[known],
                                         lambda enc, x: prior.label_logits(enc, x), 1024)).double()

@@ -1,5 +1,7 @@
 """The semi-supervised 'labels' prior, label prediction, novelty, calibration and ECE."""
 
+import warnings
+
 import numpy as np
 import pandas as pd
 import pyro
@@ -343,6 +345,31 @@ def test_labels_benchmark_runs_with_a_tiny_budget():
     table = bench.main(["--data", "pbmc68k", "--max-epochs", "2"])
     assert set(table["method"]) == {"pyrovae", "knn"}
     assert table[["accuracy", "balanced_accuracy", "ece"]].notna().all().all()
+    assert (table.loc[table["method"] == "knn", "k"] == 15).all()
+    assert (table.loc[table["method"] == "pyrovae", "classifier"] == "body").all()
+
+
+def test_labels_benchmark_with_fewer_labelled_cells_than_k(tmp_path):
+    """1 % of pbmc68k's 700 cells: kNN takes k = the number of labelled cells (it failed
+    with k = 15); pyrovae_all trains on every labelled cell without calibrating; rows of
+    runs with other methods and options append to one CSV by column name."""
+    from benchmarks import labels as bench
+
+    out = tmp_path / "rows.csv"
+    labelled, _ = bench.split(700, 0.01, 0)
+    assert labelled.sum() < 15
+    table = bench.main(["--data", "pbmc68k", "--fractions", "0.01", "--max-epochs", "2",
+                        "--methods", "pyrovae_all", "knn", "--out", str(out)])
+    assert list(table["method"]) == ["pyrovae_all", "knn"]
+    assert table.loc[1, "k"] == labelled.sum()
+    assert "ece_calibrated" not in table and table.loc[0, "classifier"] == "body"
+    bench.main(["--data", "pbmc68k", "--fractions", "0.01", "--max-epochs", "2", "--methods",
+                "pyrovae_all", "--fit-options", '{"classifier_input": "latent"}', "--out", str(out)])
+    rows = pd.read_csv(out)
+    assert list(rows["method"]) == ["pyrovae_all", "knn", "pyrovae_all"]
+    assert list(rows["classifier"].fillna("")) == ["body", "", "latent"]
+    assert rows.loc[1, "k"] == labelled.sum() and rows[["accuracy", "ece"]].notna().all().all()
+    assert len(bench.summary(rows)) == 3  # body and latent apart
 
 
 def test_class_balance_weighs_each_label_alike(small, quick):
@@ -547,6 +574,23 @@ def test_a_model_file_saved_before_classifier_input_loads_as_body(small, quick, 
     assert SemiSupervised.from_config({"labels": ["a", "b"]}).classifier_input == "body"
     assert SemiSupervised.from_config({"labels": ["a", "b"], "classifier_input": "latent"}
                                       ).classifier_input == "latent"
+
+
+def test_calibrate_warns_below_the_minimum_number_of_cells(fitted):
+    from pyrovae.labels import MIN_CALIBRATION_CELLS
+
+    model, adata, known = fitted
+    held = adata[known].copy()
+    assert len(held) < MIN_CALIBRATION_CELLS
+    with pytest.warns(UserWarning, match="unreliable") as record:
+        model.calibrate(held)
+    assert [w.filename for w in record if "unreliable" in str(w.message)] == [__file__]
+    every = adata.copy()  # all 300 cells labelled: no warning
+    every.obs["lab"] = pd.Categorical(every.obs["cluster"].astype(str))
+    assert every.n_obs >= MIN_CALIBRATION_CELLS
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        model.calibrate(every)
 
 
 def test_map_query_keeps_a_latent_classifier(reference_and_query):
