@@ -4,6 +4,7 @@ and (``--auto``) the mixture with K chosen from the data against the scanpy work
     python benchmarks/mixtures.py [--data pbmc68k bladder] [--seeds 0] [--threads 2]
                                   [--n-clusters K ...] [--init leiden] [--max-epochs N]
     python benchmarks/mixtures.py --auto [--modes enumerate gumbel marginal] [--seeds 0 1 2]
+                                  [--scvi PYTHON] [--gmm KEY=VALUE ...]
 
 ``--auto``: on the same held-out split, a standard-normal ZINB VAE (``pyrovae.fit``
 defaults), then scanpy's workflow on its latent means of all cells
@@ -14,7 +15,14 @@ latent means by :func:`pyrovae.priors.merged_leiden`, plain Leiden at 1.0, or
 :func:`pyrovae.priors.stable_leiden`; empty components pruned),
 scored by ``argmax q(y|x)`` on all cells. Per contender: K, ARI, NMI, the held-out ELBO,
 and the median seconds per epoch (of the mixture stage for the mixtures), all in one run.
-Labels only score; nothing is chosen with them.
+Labels only score; nothing is chosen with them. ``--scvi PYTHON`` (a Python with
+scvi-tools) adds scvi-tools' ``SCVI`` with its defaults, trained on the same training
+cells by ``benchmarks/mixtures_scvi.py`` in a subprocess, with the same neighbours and
+Leiden on its latent means (rows ``scvi + Leiden r``; its seconds per epoch are its
+training time over its epochs); skipped with a message when not given or failing.
+``--gmm KEY=VALUE`` passes options to every mixture's ``GaussianMixture`` (e.g.
+``free_nats_y=1.0``, ``scale_floor=0.2``, ``merge_threshold=0.5``; values read as Python
+literals), and the contender's name lists them.
 
 For each data set (``benchmarks/data.py``): 10 % of the cells are held out (permutation by
 ``numpy.random.default_rng(0)``); on the rest, for each K of ``--n-clusters`` (default: the
@@ -45,7 +53,9 @@ reported relative to the squared norm of the mean gradient.
 from __future__ import annotations
 
 import argparse
+import ast
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import get_args
@@ -59,6 +69,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import pyrovae  # noqa: E402
 from benchmarks import data as datasets  # noqa: E402
+from benchmarks.scvi_env import run_script  # noqa: E402
 from benchmarks.tables import markdown  # noqa: E402
 from pyrovae.data import read_data  # noqa: E402
 from pyrovae.priors import GaussianMixture, KRule  # noqa: E402
@@ -104,7 +115,7 @@ def _reporter(rows: list[dict]):
 
 def run(name: str, adata, seed: int, n_clusters: list[int] | None = None,
         init: str | None = None, max_epochs: int | None = None,
-        label_key: str = "cell_type") -> list[dict]:
+        label_key: str = "cell_type", options: dict | None = None) -> list[dict]:
     labels, train, test = _split(adata, label_key)
     rows: list[dict] = []
     report = _reporter(rows)
@@ -130,9 +141,9 @@ def run(name: str, adata, seed: int, n_clusters: list[int] | None = None,
                 "ari": found["ari"], "nmi": found["nmi"], "grad_rel_var": np.nan})
         for mode in MODES:
             fitted = train.copy()
-            options = {} if init is None else {"init": init}
+            given = {**(options or {}), **({} if init is None else {"init": init})}
             start = time.perf_counter()
-            model = pyrovae.fit(fitted, "zinb", prior=GaussianMixture(K, mode=mode, **options),
+            model = pyrovae.fit(fitted, "zinb", prior=GaussianMixture(K, mode=mode, **given),
                                 seed=seed, max_epochs=max_epochs, progress=False)
             seconds = time.perf_counter() - start
             clusters = model.get_clusters(adata)
@@ -150,42 +161,86 @@ LEIDEN_RESOLUTIONS = (0.5, 1.0, 2.0)
 K_RULES = list(get_args(KRule))  # the default rule first
 
 
+def gmm_options(pairs: list[str] | None) -> dict:
+    """``["free_nats_y=1.0", "scale_floor=None"]`` as ``GaussianMixture`` keyword arguments."""
+    options = {}
+    for pair in pairs or []:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise SystemExit(f"--gmm takes KEY=VALUE, got {pair!r}")
+        try:
+            options[key] = ast.literal_eval(value)
+        except (ValueError, SyntaxError):
+            options[key] = value  # a string, e.g. init=kmeans
+    return options
+
+
+def scvi_latent(python: str, adata, train_names, seed: int, threads: int):
+    """scvi-tools SCVI (defaults) trained on ``train_names`` by ``mixtures_scvi.py``: the
+    latent means of all cells of ``adata`` and the script's timing, or ``(None, None)``."""
+    with tempfile.TemporaryDirectory() as folder:
+        path, out = Path(folder) / "data.h5ad", Path(folder) / "latent.npy"
+        data = adata.copy()
+        data.obs["split"] = np.where(data.obs_names.isin(train_names), "train", "test")
+        data.write_h5ad(path)
+        info = run_script(python, "mixtures_scvi.py", path, out, seed, threads, name="scvi-tools SCVI")
+        if info is None:
+            return None, None
+        return np.load(out), info
+
+
 def run_auto(name: str, adata, seed: int, modes: list[str], max_epochs: int | None = None,
-             label_key: str = "cell_type", rules: list[str] | None = None) -> list[dict]:
-    """The scanpy workflow (standard VAE + Leiden) against the automatic-K mixture."""
+             label_key: str = "cell_type", rules: list[str] | None = None,
+             scvi: str | None = None, options: dict | None = None,
+             threads: int = 1) -> list[dict]:
+    """The scanpy workflow (standard VAE + Leiden; scvi-tools SCVI + Leiden with ``scvi``)
+    against the automatic-K mixture (``GaussianMixture(**options)``)."""
     import scanpy as sc
 
     labels, train, test = _split(adata, label_key)
     rows: list[dict] = []
     report = _reporter(rows)
+    options = dict(options or {})
+    suffix = "".join(f" {k}={v}" for k, v in options.items())
 
     def scores(clusters) -> dict:
         return {"K": int(len(np.unique(clusters))), "ari": adjusted_rand_score(labels, clusters),
                 "nmi": normalized_mutual_info_score(labels, clusters)}
 
+    def leiden(latent, contender: str, **row) -> None:
+        light = adata.copy()
+        light.obsm["X_pyrovae"] = latent
+        sc.pp.neighbors(light, use_rep="X_pyrovae", random_state=seed)
+        for resolution in LEIDEN_RESOLUTIONS:
+            sc.tl.leiden(light, resolution=resolution, flavor="igraph", n_iterations=2,
+                         directed=False, random_state=seed, key_added="leiden")
+            report({"data": name, "seed": seed, "contender": f"{contender} + Leiden {resolution}",
+                    **scores(light.obs["leiden"].to_numpy()), **row, "resolution": resolution})
+
     fitted = train.copy()
     normal = pyrovae.fit(fitted, "zinb", seed=seed, max_epochs=max_epochs, progress=False)
-    normal_elbo = float(normal.elbo(test, n_samples=20)["elbo"].mean())
     normal_s = float(normal.history["seconds"].median())
-    light = adata.copy()
-    light.obsm["X_pyrovae"] = normal.get_latent(adata)
-    sc.pp.neighbors(light, use_rep="X_pyrovae", random_state=seed)
-    for resolution in LEIDEN_RESOLUTIONS:
-        sc.tl.leiden(light, resolution=resolution, flavor="igraph", n_iterations=2,
-                     directed=False, random_state=seed, key_added="leiden")
-        report({"data": name, "seed": seed, "contender": f"normal + Leiden {resolution}",
-                **scores(light.obs["leiden"].to_numpy()), "held_out_elbo": normal_elbo,
-                "s_per_epoch": normal_s, "ratio_s_per_epoch": 1.0, "resolution": resolution})
+    leiden(normal.get_latent(adata), "normal",
+           held_out_elbo=float(normal.elbo(test, n_samples=20)["elbo"].mean()),
+           s_per_epoch=normal_s, ratio_s_per_epoch=1.0,
+           epochs=int(normal.history["epoch"].iloc[-1]))
+    if scvi:
+        latent, info = scvi_latent(scvi, adata, train.obs_names, seed, threads)
+        if latent is not None:
+            leiden(latent, "scvi", held_out_elbo=info["held_out_elbo"],
+                   s_per_epoch=info["s_per_epoch"], ratio_s_per_epoch=info["s_per_epoch"] / normal_s,
+                   epochs=info["epochs"])
     for rule in rules or K_RULES[:1]:
         for mode in modes:
             fitted = train.copy()
-            model = pyrovae.fit(fitted, "zinb", prior=GaussianMixture(mode=mode, k_rule=rule),
-                                seed=seed, max_epochs=max_epochs, progress=False)
+            prior = GaussianMixture(mode=mode, **{"k_rule": rule, **options})
+            model = pyrovae.fit(fitted, "zinb", prior=prior, seed=seed, max_epochs=max_epochs,
+                                progress=False)
             stage = model.history.iloc[int(fitted.uns["pyrovae"]["settings"]["pretrain_epochs"]):]
             seconds = float(stage["seconds"].median())
             found = fitted.uns["pyrovae"]["clusters"]
             pruned = found.get("pruned_weights", [])
-            report({"data": name, "seed": seed, "contender": f"gmm auto-K {rule} {mode}",
+            report({"data": name, "seed": seed, "contender": f"gmm auto-K {rule} {mode}{suffix}",
                     **scores(model.get_clusters(adata)),
                     "held_out_elbo": float(model.elbo(test, n_samples=20)["elbo"].mean()),
                     "s_per_epoch": seconds, "ratio_s_per_epoch": seconds / normal_s,
@@ -241,7 +296,14 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
     parser.add_argument("--rules", nargs="+", choices=K_RULES, default=K_RULES[:1],
                         help="the rules for K of --auto (GaussianMixture(k_rule=...); default: "
                              "the prior's default, merged_leiden)")
+    parser.add_argument("--scvi", default=None, metavar="PYTHON",
+                        help="a Python with scvi-tools 1.4: adds SCVI + Leiden to --auto "
+                             "(benchmarks/mixtures_scvi.py); skipped when not given or failing")
+    parser.add_argument("--gmm", nargs="+", default=None, metavar="KEY=VALUE",
+                        help="GaussianMixture options of --auto's mixtures, e.g. free_nats_y=1.0 "
+                             "scale_floor=0.2 (values read as Python literals)")
     args = parser.parse_args(argv)
+    options = gmm_options(args.gmm)
     auto = args.auto or (args.summarize and "resolution" in pd.read_csv(args.summarize[0]).columns)
     if args.summarize:
         table = pd.concat([pd.read_csv(path) for path in args.summarize], ignore_index=True)
@@ -252,10 +314,10 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
             for seed in args.seeds:
                 if auto:
                     rows += run_auto(name, adata, seed, args.modes, args.max_epochs, args.label_key,
-                                     args.rules)
+                                     args.rules, args.scvi, options, args.threads)
                 else:
                     rows += run(name, adata, seed, args.n_clusters, args.init, args.max_epochs,
-                                args.label_key)
+                                args.label_key, options)
         table = pd.DataFrame(rows)
         if args.csv:
             table.to_csv(args.csv, index=False)

@@ -48,9 +48,9 @@ KRule = Literal["merged_leiden", "leiden", "stable_leiden"]
 SCALE_FLOOR = 0.05  # the smallest standard deviation of a mixture component
 
 
-def _inverse_scale(std):
-    """The unconstrained value whose ``softplus(.) + SCALE_FLOOR`` is ``std``."""
-    return np.log(np.expm1(np.asarray(std, dtype=np.float64) - SCALE_FLOOR))
+def _inverse_scale(std, floor: float = SCALE_FLOOR):
+    """The unconstrained value whose ``softplus(.) + floor`` is ``std``."""
+    return np.log(np.expm1(np.asarray(std, dtype=np.float64) - floor))
 
 
 @contextlib.contextmanager
@@ -228,6 +228,22 @@ class GaussianMixture(Prior):
     resolution, merge_threshold
         The Leiden resolution (scanpy's default, 1.0) and the merge threshold of
         ``"merged_leiden"`` / ``"leiden"``.
+    scale_floor
+        The smallest standard deviation of a component, ``sigma_k = softplus(s_k) +
+        scale_floor`` (None: 0.05, the fixed floor of earlier versions). A larger floor
+        keeps components from shrinking onto a few cells.
+    free_nats_y
+        Free nats on the KL of ``y`` (scVAE's ``--proportion-of-free-nats-for-y-kl-divergence``
+        times ``log K``; Kingma et al. 2016's free bits): in training the term
+        ``KL(q(y | x) || p(y))``, averaged over the minibatch's cells, is replaced by
+        ``max(KL, free_nats_y)``, so that below ``free_nats_y`` nats ``q(y | x)`` is not
+        pulled towards the weights. 0 (the default) leaves the ELBO exact. Added to the
+        guide as a factor ``max(0, free_nats_y - KL)`` per cell, only in training mode:
+        held-out ELBOs and validation losses are the plain ELBO. The KL is the
+        categorical one of the classifier and the weights, exact for ``"enumerate"``; for
+        ``"gumbel"`` (whose training KL is a one-sample estimate on the relaxation) it is
+        the KL of the discrete ``y`` the relaxation stands for. ``"marginal"`` has no
+        ``y`` site and refuses it.
 
     Examples
     --------
@@ -252,8 +268,17 @@ class GaussianMixture(Prior):
         k_rule: KRule = "merged_leiden",
         resolution: float = 1.0,
         merge_threshold: float = 0.3,
+        scale_floor: float | None = None,
+        free_nats_y: float = 0.0,
     ):
         super().__init__()
+        if scale_floor is not None and not scale_floor > 0:
+            raise ValueError(f"scale_floor must be positive (or None), got {scale_floor}")
+        if not free_nats_y >= 0:
+            raise ValueError(f"free_nats_y must be >= 0, got {free_nats_y}")
+        if free_nats_y > 0 and mode == "marginal":
+            raise ValueError("free_nats_y acts on the KL of y, and mode='marginal' has no y "
+                             "site; use mode='enumerate' or 'gumbel'")
         if k_rule not in get_args(KRule):
             raise ValueError(f"k_rule must be one of {get_args(KRule)}, got {k_rule!r}")
         if resolution <= 0:
@@ -280,6 +305,8 @@ class GaussianMixture(Prior):
         self.init = init
         self.temperature_schedule = tuple(temperature)
         self.conditional_posterior = conditional_posterior
+        self.scale_floor = None if scale_floor is None else float(scale_floor)
+        self.free_nats_y = float(free_nats_y)
         self.register_buffer("temperature", torch.tensor(float(temperature[0])))
         self.register_buffer("initialized", torch.tensor(False))
 
@@ -293,6 +320,7 @@ class GaussianMixture(Prior):
             "init": self.init, "temperature": list(self.temperature_schedule),
             "conditional_posterior": self.conditional_posterior, "k_rule": self.k_rule,
             "resolution": self.resolution, "merge_threshold": self.merge_threshold,
+            "scale_floor": self.scale_floor, "free_nats_y": self.free_nats_y,
         }
 
     def setup(self, n_latent: int, encoder: Encoder) -> None:
@@ -307,7 +335,7 @@ class GaussianMixture(Prior):
         device = self._zero.device
         self.K = K
         self.locs = nn.Parameter(torch.randn(K, n_latent))
-        self.raw_scales = nn.Parameter(torch.full((K, n_latent), _inverse_scale(1.0)))
+        self.raw_scales = nn.Parameter(torch.full((K, n_latent), _inverse_scale(max(1.0, 2 * self.floor), self.floor)))
         self.weight_logits = nn.Parameter(torch.zeros(K), requires_grad=self.learn_weights)
         if self.mode != "marginal":
             self.classifier = nn.Linear(encoder.body.n_out, K)
@@ -348,8 +376,13 @@ class GaussianMixture(Prior):
         return removed
 
     @property
+    def floor(self) -> float:
+        """The smallest component scale (``scale_floor``, or :data:`SCALE_FLOOR`)."""
+        return SCALE_FLOOR if self.scale_floor is None else self.scale_floor
+
+    @property
     def scales(self) -> torch.Tensor:
-        return F.softplus(self.raw_scales) + SCALE_FLOOR
+        return F.softplus(self.raw_scales) + self.floor
 
     def _components(self) -> dist.Distribution:
         return dist.Normal(self.locs, self.scales).to_event(1)
@@ -375,6 +408,8 @@ class GaussianMixture(Prior):
             return super().guide(encoder, x)
         h = encoder.body(x)
         logits = self.classifier(h)
+        if self.free_nats_y > 0 and self.training:
+            self._free_nats(logits)
         if self.mode == "gumbel":
             y = pyro.sample("y", dist.RelaxedOneHotCategorical(self.temperature, logits=logits))
         else:
@@ -384,6 +419,16 @@ class GaussianMixture(Prior):
             y = F.one_hot(index, self.K)  # (K, 1, K) under enumeration
         loc, scale = self._posterior(encoder, h, y.to(h.dtype))
         return pyro.sample("z", dist.Normal(loc, scale).to_event(1))
+
+    def _free_nats(self, logits: torch.Tensor) -> None:
+        """Free bits on ``y``: ``max(0, free_nats_y - KL)`` added to each cell's loss, ``KL``
+        the minibatch's mean ``KL(q(y | x) || p(y))``, so the loss has ``max(KL, free)``.
+        A guide factor enters the loss with a plus sign (``-log q``); it is pathwise
+        (``has_rsample=True``): with ``False`` Pyro would differentiate it as a score."""
+        log_q = logits.log_softmax(-1)
+        kl = (log_q.exp() * (log_q - self.weight_logits.log_softmax(-1))).sum(-1)
+        gap = (self.free_nats_y - kl.mean()).clamp(min=0.0)
+        pyro.factor("y_free_nats", gap.expand(kl.shape), has_rsample=True)
 
     def _posterior(self, encoder, h, y):
         """``q(z | x, y)`` for one-hot (or relaxed) ``y``, broadcasting over its leading dims."""
@@ -441,10 +486,11 @@ class GaussianMixture(Prior):
         centres = np.stack([points[labels == k].mean(0) for k in range(self.K)])
         std = np.stack([points[labels == k].std(0) if counts[k] > 1 else points.std(0)
                         for k in range(self.K)])
-        std = np.clip(std, 2 * SCALE_FLOOR, None)
+        std = np.clip(std, 2 * self.floor, None)
         with torch.no_grad():
             self.locs.copy_(torch.as_tensor(centres, dtype=self.locs.dtype))
-            self.raw_scales.copy_(torch.as_tensor(_inverse_scale(std), dtype=self.locs.dtype))
+            self.raw_scales.copy_(torch.as_tensor(_inverse_scale(std, self.floor),
+                                                  dtype=self.locs.dtype))
             if self.learn_weights:
                 share = (counts + 1.0) / (counts.sum() + self.K)
                 self.weight_logits.copy_(torch.as_tensor(np.log(share), dtype=self.locs.dtype))

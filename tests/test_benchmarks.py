@@ -271,6 +271,23 @@ def test_mixtures_benchmark_automatic_k_against_leiden(tmp_path, capsys, keep_th
     assert len(again) == 5 and "ratio_s_per_epoch" in capsys.readouterr().out
 
 
+def test_mixtures_benchmark_passes_gmm_options_and_skips_a_missing_scvi(tmp_path, capsys, keep_threads):
+    from benchmarks import mixtures
+
+    assert mixtures.gmm_options(["free_nats_y=1.0", "scale_floor=None", "init=kmeans"]) == {
+        "free_nats_y": 1.0, "scale_floor": None, "init": "kmeans"}
+    with pytest.raises(SystemExit):
+        mixtures.gmm_options(["free_nats_y"])
+    table = mixtures.main(["--auto", "--data", "simulated:150x30", "--modes", "enumerate",
+                           "--max-epochs", "4", "--label-key", "cluster", "--threads", "1",
+                           "--scvi", str(tmp_path / "no-such-python"),
+                           "--gmm", "free_nats_y=0.5", "scale_floor=0.2"])
+    assert "scvi-tools SCVI skipped" in capsys.readouterr().out
+    assert list(table["contender"]) == [f"normal + Leiden {r}" for r in mixtures.LEIDEN_RESOLUTIONS] + [
+        "gmm auto-K merged_leiden enumerate free_nats_y=0.5 scale_floor=0.2"]
+    assert table[["K", "ari", "nmi", "held_out_elbo"]].notna().all().all()
+
+
 def test_query_benchmark_runs_with_a_tiny_budget(keep_threads):
     from benchmarks import query
 

@@ -21,10 +21,11 @@ ARCH = Architecture(n_latent=2, n_hidden=(8,))
 K = 3
 
 
-def tiny_mixture(mode="enumerate", seed=0):
+def tiny_mixture(mode="enumerate", seed=0, **options):
     """A small ZINB GMVAE with fixed (random, non-trivial) weights and a batch of 5 cells."""
     torch.manual_seed(seed)
-    prior = GaussianMixture(K, mode=mode, learn_weights=True, init="random", conditional_posterior=True)
+    prior = GaussianMixture(K, mode=mode, learn_weights=True, init="random", conditional_posterior=True,
+                            **options)
     module = VAEModule(6, get_likelihood("zinb"), prior, ARCH).eval()
     with torch.no_grad():
         for p in prior.parameters():
@@ -70,6 +71,86 @@ def test_enumerated_loss_equals_the_explicit_sum_over_k():
         loss = loss_fn.elbo.loss(module.model, module.guide, *args)
         elbo = by_hand(module, args, seed=7)
     assert loss == pytest.approx(-elbo.item(), rel=1e-5)
+
+
+def _loss_and_classifier_grad(module, args, seed=7):
+    loss_fn = TraceEnum_ELBO(max_plate_nesting=1)(module.model, module.guide)
+    torch.manual_seed(seed)
+    loss = loss_fn(*args)
+    grad = torch.autograd.grad(loss, module.prior.classifier.weight)[0]
+    return loss.detach(), grad
+
+
+def _kl_y(module, args) -> torch.Tensor:
+    """``KL(q(y | x) || p(y))`` per cell, written out."""
+    prior, encoder = module.prior, module.guide.encoder
+    log_q = prior.classifier(encoder.body(torch.log1p(args[0]))).log_softmax(-1)
+    return (log_q.exp() * (log_q - prior.weight_logits.log_softmax(-1))).sum(-1)
+
+
+@pytest.mark.parametrize("free", [0.3, 50.0])
+def test_free_nats_on_y_replace_the_kl_by_its_maximum(free):
+    """The training loss has ``max(mean KL of y, free_nats_y)`` per cell in place of the KL:
+    the loss moves by ``n max(0, free - KL)`` and, below the free nats, the KL's gradient
+    on q(y | x) is cancelled; in evaluation mode the loss is the plain ELBO."""
+    off, args = tiny_mixture()
+    on, _ = tiny_mixture(free_nats_y=free)
+    on.prior.train()  # the factor acts in training only (networks stay in evaluation mode)
+    loss_off, grad_off = _loss_and_classifier_grad(off, args)
+    loss_on, grad_on = _loss_and_classifier_grad(on, args)
+    kl = _kl_y(off, args)
+    gap = max(0.0, free - kl.mean().item())
+    assert loss_on.item() == pytest.approx(loss_off.item() + 5 * gap, rel=1e-5)
+    if gap > 0:
+        grad_kl = torch.autograd.grad(kl.sum(), off.prior.classifier.weight)[0]
+        torch.testing.assert_close(grad_on, grad_off - grad_kl, rtol=1e-4, atol=1e-5)
+    else:  # the KL is above the free nats: nothing changes
+        torch.testing.assert_close(grad_on, grad_off)
+    on.prior.eval()
+    assert _loss_and_classifier_grad(on, args)[0].item() == pytest.approx(loss_off.item(), rel=1e-6)
+    assert 5 * max(0.0, 50.0 - kl.mean().item()) > 0  # 50 nats is above the KL: the test bites
+
+
+def test_free_nats_off_and_no_floor_leave_the_loss_unchanged():
+    explicit, args = tiny_mixture(scale_floor=None, free_nats_y=0.0)
+    default, _ = tiny_mixture()
+    explicit.prior.train()
+    assert _loss_and_classifier_grad(explicit, args)[0] == _loss_and_classifier_grad(default, args)[0]
+
+
+def test_scale_floor_bounds_the_component_scales():
+    module, args = tiny_mixture(scale_floor=0.5)
+    default, _ = tiny_mixture()
+    with torch.no_grad():
+        module.prior.raw_scales.fill_(-20.0)
+    assert module.prior.scales.min().item() == pytest.approx(0.5)
+    torch.testing.assert_close(module.prior.scales - 0.5 + 0.05,
+                               torch.nn.functional.softplus(module.prior.raw_scales) + 0.05)
+    assert default.prior.floor == 0.05
+    with torch.no_grad():
+        default.prior.raw_scales.fill_(-20.0)
+    assert _loss_and_classifier_grad(module, args)[0] != _loss_and_classifier_grad(default, args)[0]
+
+
+def test_free_nats_and_scale_floor_are_checked():
+    with pytest.raises(ValueError, match="no y"):
+        GaussianMixture(3, mode="marginal", free_nats_y=1.0)
+    with pytest.raises(ValueError, match="scale_floor"):
+        GaussianMixture(3, scale_floor=0.0)
+    with pytest.raises(ValueError, match="free_nats_y"):
+        GaussianMixture(3, free_nats_y=-1.0)
+
+
+def test_free_nats_and_scale_floor_save_and_load(sim, quick, tmp_path):
+    prior = GaussianMixture(3, scale_floor=0.3, free_nats_y=0.5)
+    model = pyrovae.fit(sim.copy(), "nb", prior=prior, **quick)
+    assert model.prior.scales.min().item() >= 0.3
+    model.save(tmp_path / "m.pt")
+    loaded = pyrovae.load(tmp_path / "m.pt", sim)
+    assert loaded.prior.config()["scale_floor"] == 0.3
+    assert loaded.prior.config()["free_nats_y"] == 0.5
+    torch.testing.assert_close(loaded.prior.scales, model.prior.scales)
+    np.testing.assert_array_equal(loaded.get_cluster_probs(sim), model.get_cluster_probs(sim))
 
 
 def test_per_cell_elbo_sums_to_the_enumerated_loss():
