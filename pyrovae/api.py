@@ -21,7 +21,7 @@ from .data import CovariateSpec, is_paths, open_backed
 from .likelihoods import Likelihood
 from .nn import Architecture
 from .labels import hide_labels, labels_prior
-from .priors import PRIORS, GaussianMixture, Prior, get_prior
+from .priors import PRIORS, GaussianMixture, Prior, get_prior, prior_from_config
 from .train import (TrainingInterruptedWarning, TrainingPlan, TrainingState, default_max_epochs,
                     history_frame)
 from .vae import VAE, load
@@ -46,6 +46,7 @@ def fit(
     unlabeled_category: str | None = None,
     classification_weight: float = 50.0,
     class_balance: bool = True,
+    classifier_input: Literal["body", "latent"] = "body",
     calibration_fraction: float = 0.0,
     n_clusters: int | None = None,
     mode: Literal["enumerate", "gumbel", "marginal"] = "enumerate",
@@ -121,6 +122,10 @@ def fit(
         inverse of its label's share of the labelled cells (normalised to average 1), so
         that rare types weigh as much as common ones
         (:class:`pyrovae.labels.SemiSupervised`'s ``class_balance``).
+    classifier_input
+        For ``prior="labels"``: what the classifier ``q(y | x)`` reads, the encoder body
+        (``"body"``) or the posterior mean of ``z`` (``"latent"``, as scANVI)
+        (:class:`pyrovae.labels.SemiSupervised`'s ``classifier_input``).
     calibration_fraction
         For ``prior="labels"``: the share of the labelled cells (drawn with ``seed``) whose
         labels are hidden in training and then used to calibrate ``q(y | x)`` by
@@ -228,7 +233,8 @@ def fit(
         prior = labels_prior(CovariateSpec.from_obs(obs, labels_key=labels_key),
                              unlabeled_category=unlabeled_category or "Unknown",
                              classification_weight=classification_weight,
-                             class_balance=class_balance, obs=obs)
+                             class_balance=class_balance, classifier_input=classifier_input,
+                             obs=obs)
     total = max_epochs or default_max_epochs(len(obs))
     if pretrain_epochs is None:
         pretrain_epochs = min(kl_warmup_epochs, total // 2)
@@ -293,7 +299,7 @@ def _fit_stages(model: VAE, adata, plan: TrainingPlan, run: dict[str, Any], *,
         run, state = {**run, "stage": "mixture"}, None
         pretrained = model.prior
         try:
-            model.set_prior(prior or get_prior(run["prior"], **run["prior_config"]), adata)
+            model.set_prior(prior or prior_from_config(run["prior"], run["prior_config"]), adata)
         except KeyboardInterrupt:  # Ctrl-C while the mixture starts (Leiden can take seconds)
             model.module.set_prior(pretrained)
             model.interrupted = True

@@ -31,7 +31,11 @@ if TYPE_CHECKING:
     from .data import CovariateSpec
     from .vae import VAE
 
-__all__ = ["NOVELTY_SCORES", "SemiSupervised", "calibrate", "hide_labels", "labels_prior", "novelty", "predict", "with_labels_column"]
+__all__ = ["CLASSIFIER_INPUTS", "NOVELTY_SCORES", "SemiSupervised", "calibrate", "hide_labels", "labels_prior", "novelty", "predict", "with_labels_column"]
+
+
+ClassifierInput = Literal["body", "latent"]
+CLASSIFIER_INPUTS: tuple[str, ...] = get_args(ClassifierInput)
 
 
 @register_prior("labels")
@@ -47,7 +51,9 @@ class SemiSupervised(GaussianMixture):
 
     Inference::
 
-        q(y | x) = Cat(softmax(c(h) / T))             classifier on the encoder body h
+        q(y | x) = Cat(softmax(c(u) / T))             a linear classifier c on u:
+                                                      u = h, the encoder body ("body"), or
+                                                      u = loc(h), the mean of q(z | x) ("latent")
         q(z | x) = N(loc(h), diag(scale(h)^2))        shared by all labels
 
     The loss of a labelled cell is ``-[log p(x | z) + log p(z | c) + log p(c) - log q(z | x)]
@@ -83,6 +89,14 @@ class SemiSupervised(GaussianMixture):
         ``label_counts``; without them the weights are 1.
     label_counts
         The number of labelled training cells of each of ``labels``.
+    classifier_input
+        What the classifier ``q(y | x)`` reads: ``"body"``, the encoder body ``h`` (the
+        hidden layer before the heads of ``q(z | x)``), or ``"latent"``, the posterior mean
+        ``loc(h)`` of ``z`` (as scANVI's classifier reads ``z``). Every use of ``q(y | x)``
+        goes through it: the guide, :meth:`label_logits`, :meth:`cluster_probs`,
+        :func:`predict`, :func:`novelty`, :func:`calibrate` and query mapping. Model
+        files saved before this option existed load as ``"body"``
+        (:meth:`from_config`).
     """
 
     name = "labels"
@@ -98,6 +112,7 @@ class SemiSupervised(GaussianMixture):
         learn_weights: bool = True,
         class_balance: bool = False,
         label_counts: Sequence[int] | None = None,
+        classifier_input: ClassifierInput = "body",
     ):
         labels = [str(x) for x in labels]
         if len(labels) < 2:
@@ -106,6 +121,8 @@ class SemiSupervised(GaussianMixture):
             raise ValueError(f"the known labels repeat: {labels}")
         if unlabeled_category in labels:
             raise ValueError(f"the unlabeled category {unlabeled_category!r} is among the known labels")
+        if classifier_input not in CLASSIFIER_INPUTS:
+            raise ValueError(f"classifier_input must be one of {CLASSIFIER_INPUTS}, got {classifier_input!r}")
         if classification_weight < 0:
             raise ValueError(f"classification_weight must be >= 0, got {classification_weight}")
         if label_counts is not None and (len(label_counts) != len(labels) or min(label_counts) < 0):
@@ -120,6 +137,7 @@ class SemiSupervised(GaussianMixture):
                              f"nor the unlabeled category {unlabeled_category!r}")
         self.labels = labels
         self.label_codes = codes
+        self.classifier_input = classifier_input
         self.unlabeled_category = unlabeled_category
         self.classification_weight = float(classification_weight)
         self.register_buffer("code_to_class", torch.tensor(
@@ -135,7 +153,22 @@ class SemiSupervised(GaussianMixture):
                 "unlabeled_category": self.unlabeled_category,
                 "classification_weight": self.classification_weight,
                 "learn_weights": self.learn_weights, "class_balance": self.class_balance,
-                "label_counts": self.label_counts}
+                "label_counts": self.label_counts, "classifier_input": self.classifier_input}
+
+    @classmethod
+    def from_config(cls, config: dict[str, Any]) -> "SemiSupervised":
+        """The prior saved with ``config``; a config without ``classifier_input`` (saved
+        before the option existed, when the classifier read the encoder body) is ``"body"``."""
+        return cls(**{"classifier_input": "body", **config})
+
+    def _build(self, K: int) -> None:
+        super()._build(K)
+        if self.classifier_input == "latent":  # c reads loc(h), the mean of q(z | x)
+            self.classifier = torch.nn.Linear(self.n_latent, K).to(self.locs.device)
+
+    def _logits(self, encoder: Encoder, h: torch.Tensor) -> torch.Tensor:
+        """``c(u)`` from the encoder body ``h``: ``u = h`` or ``u = loc(h)``."""
+        return self.classifier(h if self.classifier_input == "body" else encoder.loc(h))
 
     def _known(self, label: torch.Tensor):
         """Class index (clamped at 0) and whether it is known, per cell."""
@@ -156,10 +189,11 @@ class SemiSupervised(GaussianMixture):
         return pyro.sample("z", dist.Normal(self.locs[y], self.scales[y]).to_event(1))
 
     def guide(self, encoder: Encoder, x: torch.Tensor, label: torch.Tensor | None = None) -> torch.Tensor:
-        if label is None:
-            return super().guide(encoder, x)
         h = encoder.body(x)
-        logits = self.classifier(h)
+        logits = self._logits(encoder, h)
+        if label is None:  # no labels given: every cell's label is unknown
+            pyro.sample("y", dist.Categorical(logits=logits), infer={"enumerate": "parallel"})
+            return pyro.sample("z", dist.Normal(encoder.loc(h), encoder.to_scale(encoder.scale(h))).to_event(1))
         cls, known = self._known(label)
         q_logits = torch.where(known.unsqueeze(-1), torch.zeros_like(logits), logits)
         pyro.sample("y", dist.Categorical(logits=q_logits), infer={"enumerate": "parallel"})
@@ -181,8 +215,8 @@ class SemiSupervised(GaussianMixture):
 
     # ---- summaries of q --------------------------------------------------------
     def label_logits(self, encoder: Encoder, x: torch.Tensor) -> torch.Tensor:
-        """``c(h)``, the classifier's logits before temperature scaling."""
-        return self.classifier(encoder.body(x))
+        """``c(u)``, the classifier's logits before temperature scaling."""
+        return self._logits(encoder, encoder.body(x))
 
     def cluster_probs(self, encoder: Encoder, x: torch.Tensor, n_samples: int = 32) -> torch.Tensor:
         return (self.label_logits(encoder, x) / self.calibration_temperature).softmax(-1)
@@ -202,6 +236,7 @@ def _class_weights(counts: Sequence[int] | None, n_labels: int) -> torch.Tensor:
 
 def labels_prior(covariates: "CovariateSpec", *, unlabeled_category: str = "Unknown",
                  classification_weight: float = 50.0, class_balance: bool = True,
+                 classifier_input: ClassifierInput = "body",
                  obs: pd.DataFrame | None = None) -> SemiSupervised:
     """The :class:`SemiSupervised` prior for a model's labels column: its known labels
     are the column's categories but ``unlabeled_category``; ``obs`` (the training cells'
@@ -219,7 +254,8 @@ def labels_prior(covariates: "CovariateSpec", *, unlabeled_category: str = "Unkn
         counts = [int((column == c).sum()) for c in known]
     return SemiSupervised(known, label_codes=codes, unlabeled_category=unlabeled_category,
                           classification_weight=classification_weight,
-                          class_balance=class_balance, label_counts=counts)
+                          class_balance=class_balance, label_counts=counts,
+                          classifier_input=classifier_input)
 
 
 def with_labels_column(covariates: "CovariateSpec", obs: pd.DataFrame, labels_key: str) -> "CovariateSpec":
@@ -395,7 +431,8 @@ def calibrate(model: "VAE", adata: "ad.AnnData", *, labels_key: str | None = Non
     logits = torch.as_tensor(model._map(adata[known],
                                         lambda enc, x: prior.label_logits(enc, x), 1024)).double()
     log_t = torch.zeros((), dtype=torch.float64, requires_grad=True)
-    optimizer = torch.optim.LBFGS([log_t], lr=0.5, max_iter=steps)
+    # a line search: plain steps of lr=0.5 overshot once, to T = 1e-53 on 58 cells
+    optimizer = torch.optim.LBFGS([log_t], lr=1.0, max_iter=steps, line_search_fn="strong_wolfe")
 
     def closure():
         optimizer.zero_grad()

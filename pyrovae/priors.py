@@ -37,6 +37,7 @@ __all__ = [
     "VampPrior",
     "get_prior",
     "merged_leiden",
+    "prior_from_config",
     "register_prior",
     "stable_leiden",
 ]
@@ -97,6 +98,12 @@ class Prior(LocalPyroModule):
     def config(self) -> dict[str, Any]:
         """Constructor arguments that rebuild this prior (saved with the model)."""
         return {}
+
+    @classmethod
+    def from_config(cls, config: dict[str, Any]) -> "Prior":
+        """The prior that :meth:`config` saved (a model file, a checkpoint); a subclass
+        whose options grew fills in here what older files lack."""
+        return cls(**config)
 
     @property
     def n_clusters(self) -> int | None:
@@ -884,11 +891,20 @@ def get_prior(prior: str | Prior, **options) -> Prior:
         if options:
             raise ValueError("options are for priors given by name; configure the object instead")
         return prior
+    return _prior_class(prior)(**options)
+
+
+def prior_from_config(name: str, config: dict[str, Any]) -> Prior:
+    """The prior saved as its name and :meth:`Prior.config` (model files, checkpoints),
+    rebuilt by :meth:`Prior.from_config`."""
+    return _prior_class(name).from_config(config)
+
+
+def _prior_class(name: str) -> type[Prior]:
     try:
-        cls = PRIORS[prior]
+        return PRIORS[name]
     except KeyError:
         raise ValueError(
-            f"unknown prior {prior!r}; choose one of {sorted(PRIORS)}, or register yours with "
+            f"unknown prior {name!r}; choose one of {sorted(PRIORS)}, or register yours with "
             "pyrovae.priors.register_prior"
         ) from None
-    return cls(**options)

@@ -21,7 +21,7 @@ from .inference import elbo_per_cell, marginal_log_likelihood, posterior_predict
 from .likelihoods import Likelihood, get_likelihood
 from .module import Covariates, Dispersion, LibrarySize, VAEModule
 from .nn import Architecture, PyroFunction
-from .priors import Prior, get_prior
+from .priors import Prior, get_prior, prior_from_config
 from .train import HISTORY_COLUMNS, TrainingPlan, TrainingState, model_args, resolve_device, seeded, train
 
 __all__ = ["VAE", "load"]
@@ -147,8 +147,8 @@ class VAE:
             Constructor arguments of the prior given by name, e.g. ``n_clusters=10``; for
             ``"labels"`` (:class:`pyrovae.labels.SemiSupervised`): ``labels_key`` (the
             ``adata.obs`` column of the known labels, read by the model from then on),
-            ``unlabeled_category`` (default ``"Unknown"``), ``classification_weight`` and
-            ``class_balance``.
+            ``unlabeled_category`` (default ``"Unknown"``), ``classification_weight``,
+            ``class_balance`` and ``classifier_input``.
 
         Returns
         -------
@@ -182,7 +182,7 @@ class VAE:
 
     def _labels_prior(self, adata, *, labels_key: str | None = None,
                       unlabeled_category: str = "Unknown", classification_weight: float = 50.0,
-                      class_balance: bool = True):
+                      class_balance: bool = True, classifier_input: str = "body"):
         """The ``"labels"`` prior for ``set_prior``; reads the labels column from now on."""
         from .labels import labels_prior, with_labels_column
 
@@ -194,7 +194,8 @@ class VAE:
         self.covariates = spec
         return labels_prior(spec, unlabeled_category=unlabeled_category,
                             classification_weight=classification_weight,
-                            class_balance=class_balance, obs=adata.obs)
+                            class_balance=class_balance, classifier_input=classifier_input,
+                            obs=adata.obs)
 
     def with_prior(self, prior: str | Prior, adata: ad.AnnData | None = None, **options) -> "VAE":
         """A copy of this model with another prior; this model is left exactly as it is.
@@ -881,7 +882,7 @@ def load(path: str | os.PathLike, adata: ad.AnnData | None = None, *,
     arch = state["architecture"]
     with warnings.catch_warnings():  # a file saved under an old argument name is not the user's to fix
         warnings.simplefilter("ignore", FutureWarning)
-        prior = get_prior(state["prior"], **state["prior_config"])
+        prior = prior_from_config(state["prior"], state["prior_config"])
     model = VAE(
         state["var_names"],
         likelihood=state["likelihood"],

@@ -22,10 +22,11 @@ def labelled(adata, fraction=0.2, seed=0, key="lab"):
     return known
 
 
-@pytest.fixture
-def fitted(small, quick):
+@pytest.fixture(params=["body", "latent"])
+def fitted(request, small, quick):
     known = labelled(small)
-    model = pyrovae.fit(small, labels_key="lab", unlabeled_category="Unknown", **quick)
+    model = pyrovae.fit(small, labels_key="lab", unlabeled_category="Unknown",
+                        classifier_input=request.param, **quick)
     return model, small, known
 
 
@@ -463,3 +464,101 @@ def test_none_labelled_loss_is_the_unsupervised_mixture(fitted):
     finally:
         del model.prior.takes_labels
     np.testing.assert_allclose(semi, plain, rtol=1e-5)
+
+
+def test_classifier_input_picks_what_the_classifier_reads(fitted):
+    model, adata, _ = fitted
+    prior, encoder = model.prior, model.module.guide.encoder
+    args = model.model_args(adata, indices=np.arange(50))
+    model.module.eval()
+    with torch.no_grad():
+        x = model.module.guide.encoder_input(args[0], args[2])
+        h = encoder.body(x)
+        expected = prior.classifier(h if prior.classifier_input == "body" else encoder.loc(h))
+        torch.testing.assert_close(prior.label_logits(encoder, x), expected)
+    width = encoder.body.n_out if prior.classifier_input == "body" else model.architecture.n_latent
+    assert prior.classifier.in_features == width
+    assert prior.config()["classifier_input"] == prior.classifier_input
+    # predict (and so novelty and calibrate, which go through it or label_logits) use it
+    soft = model.predict(adata[:50], soft=True).to_numpy()
+    np.testing.assert_allclose(soft, expected.softmax(-1).numpy(), rtol=1e-5, atol=1e-6)
+
+
+def test_the_guide_without_labels_is_the_guide_with_every_label_unknown(fitted):
+    """label=None (the plain mixture's sites) and an all-"Unknown" column give one q(y | x):
+    the classifier of classifier_input, in both paths (a body classifier was used for
+    label=None once)."""
+    model, adata, _ = fitted
+    none = adata[:40].copy()
+    none.obs["lab"] = pd.Categorical(["Unknown"] * none.n_obs, categories=adata.obs["lab"].cat.categories)
+    args = model.model_args(none)
+    x, _, covariates = args[:3]
+    model.module.eval()
+    with torch.no_grad():
+        torch.manual_seed(0)
+        unknown = poutine.trace(model.guide).get_trace(*args)
+        model.prior.takes_labels = False  # the module then calls guide(encoder, x): label=None
+        try:
+            torch.manual_seed(0)
+            without = poutine.trace(model.guide).get_trace(*args)
+        finally:
+            del model.prior.takes_labels
+        logits = model.prior.label_logits(model.module.guide.encoder,
+                                          model.module.guide.encoder_input(x, covariates))
+    for trace in (unknown, without):
+        torch.testing.assert_close(trace.nodes["y"]["fn"].probs, logits.softmax(-1))
+    torch.testing.assert_close(without.nodes["z"]["value"], unknown.nodes["z"]["value"])
+
+
+def test_classifier_input_is_validated(small, quick):
+    with pytest.raises(ValueError, match="classifier_input must be one of"):
+        SemiSupervised(["a", "b"], classifier_input="z")
+    labelled(small)
+    with pytest.raises(ValueError, match="classifier_input must be one of"):
+        pyrovae.fit(small, labels_key="lab", unlabeled_category="Unknown", classifier_input="z", **quick)
+    assert "X_pyrovae" not in small.obsm
+
+
+def test_classifier_input_survives_save_and_load(small, quick, tmp_path):
+    labelled(small)
+    model = pyrovae.fit(small, labels_key="lab", unlabeled_category="Unknown",
+                        classifier_input="latent", **quick)
+    model.save(tmp_path / "m.pt")
+    back = pyrovae.load(tmp_path / "m.pt")
+    assert back.prior.classifier_input == "latent"
+    pd.testing.assert_frame_equal(back.predict(small, soft=True), model.predict(small, soft=True))
+
+
+def test_a_model_file_saved_before_classifier_input_loads_as_body(small, quick, tmp_path, monkeypatch):
+    labelled(small)
+    model = pyrovae.fit(small, labels_key="lab", unlabeled_category="Unknown",
+                        classifier_input="body", **quick)
+    config = SemiSupervised.config
+    monkeypatch.setattr(SemiSupervised, "config",  # the config older pyrovae saved
+                        lambda self: {k: v for k, v in config(self).items() if k != "classifier_input"})
+    model.save(tmp_path / "old.pt")
+    monkeypatch.undo()
+    saved = pyrovae.files.read_verified(tmp_path / "old.pt", format=pyrovae.files.MODEL_FORMAT,
+                                        format_version=pyrovae.files.MODEL_FORMAT_VERSION)
+    assert "classifier_input" not in saved["prior_config"]
+    back = pyrovae.load(tmp_path / "old.pt")
+    assert back.prior.classifier_input == "body"
+    pd.testing.assert_frame_equal(back.predict(small, soft=True), model.predict(small, soft=True))
+    assert SemiSupervised.from_config({"labels": ["a", "b"]}).classifier_input == "body"
+    assert SemiSupervised.from_config({"labels": ["a", "b"], "classifier_input": "latent"}
+                                      ).classifier_input == "latent"
+
+
+def test_map_query_keeps_a_latent_classifier(reference_and_query):
+    _, ref, query = reference_and_query
+    reference = pyrovae.fit(ref, batch_key="batch", labels_key="lab", unlabeled_category="Unknown",
+                            classifier_input="latent", max_epochs=3, progress=False, seed=0)
+    mapped = reference.map_query(query, max_epochs=2)
+    assert mapped.prior.classifier_input == "latent"
+    assert mapped.prior.classifier.in_features == reference.n_latent
+    torch.testing.assert_close(mapped.prior.classifier.weight, reference.prior.classifier.weight)
+    # q(y | x) of the query model is its classifier on the query's posterior means
+    z = torch.as_tensor(mapped.get_latent(query))
+    with torch.no_grad():
+        expected = mapped.prior.classifier(z).softmax(-1).numpy()
+    np.testing.assert_allclose(mapped.predict(query, soft=True).to_numpy(), expected, rtol=1e-4, atol=1e-5)
