@@ -1,8 +1,12 @@
 """Query mapping (scArches) and the novelty score, side by side in one run.
 
-    python benchmarks/query.py [--data bladder pbmc68k] [--seed 0] [--max-epochs 200]
-                               [--query-epochs 50] [--novelty-types 4] [--threads 1]
+    python benchmarks/query.py [--data bladder pbmc68k] [--seeds 0 [1 2 ...]] [--max-epochs 200]
+                               [--query-epochs 50] [--novelty-types 3] [--threads 1]
                                [--scvi PYTHON] [--scvi-query-epochs 100]
+                               [--out ROWS.csv] [--novelty-out ROWS.csv]
+    python benchmarks/query.py --summarize ROWS.csv
+
+Each seed is one split, one labelled share and one thinning (all drawn from ``seed``).
 
 **Query mapping.** For each data set (``benchmarks/data.py``) the cells are split at random
 (``numpy.random.default_rng(seed)``) into a reference (70 %) and a query (30 %). The query
@@ -26,17 +30,23 @@ batch (``"reference"``), the query another (``"query"``). Contenders:
   ``--scvi`` (a Python with scvi-tools) through ``benchmarks/query_scvi.py``; skipped when
   it is not given or fails.
 
-Reported: query label accuracy and balanced accuracy, the accuracy on the reference's own
-unlabelled cells (``ref_accuracy``), the batch-mixing entropy of query and reference in the
-latent space (:func:`pyrovae.metrics.batch_mixing_entropy`, 50 neighbours; at most
+Reported, one row per data set, seed and method (appended to ``--out`` as each data set and
+seed ends, so that a long run keeps what it has done): query label accuracy and balanced
+accuracy, the accuracy on the reference's own unlabelled cells (``ref_accuracy``), the gap
+``ref_accuracy - accuracy`` and whether it is at most 5 points (``within_5``, the target of
+issue 13), the batch-mixing entropy of query and reference in the latent space
+(:func:`pyrovae.metrics.batch_mixing_entropy`, 50 neighbours; at most
 ``-(0.7 log 0.7 + 0.3 log 0.3) = 0.611`` for a 70/30 split) and seconds (reference
-training, query training).
+training, query training). Then the mean and standard deviation over the seeds of each data
+set and method, with the number of seeds that meet the 5-point target, and, where SCANVI
+ran, the number of seeds where ``pyrovae`` maps at least as accurately as SCANVI
+(``--summarize`` prints these from a saved ``--out`` file).
 
 **Unseen types** (bladder only, or the first data set): 10 % of all cells labelled as above,
 but one cell type left out of the labels entirely (all its cells ``"Unknown"``), for the
 ``--novelty-types`` largest types and the smallest type with at least 20 cells. Reported:
 the AUROC of each score of :func:`pyrovae.labels.novelty` on the unlabelled cells, the
-left-out type's cells against the others.
+left-out type's cells against the others, for each seed (rows appended to ``--novelty-out``).
 """
 
 from __future__ import annotations
@@ -195,10 +205,68 @@ def run_novelty(adata, left_out: str, *, max_epochs, seed) -> dict:
     return row
 
 
+TARGET_GAP = 0.05  # issue 13: query accuracy within 5 points of the reference's own
+
+
+def with_gap(rows: list[dict]) -> list[dict]:
+    """``rows`` with ``gap = ref_accuracy - accuracy`` and ``within_5 = gap <= 0.05``."""
+    return [{**row, "gap": row["ref_accuracy"] - row["accuracy"],
+             "within_5": bool(row["ref_accuracy"] - row["accuracy"] <= TARGET_GAP + 1e-12)} for row in rows]
+
+
+def summary(table: pd.DataFrame) -> pd.DataFrame:
+    """Mean and standard deviation over the seeds of each data set and method, the number of
+    seeds within 5 points (``within_5``, e.g. ``"2/3"``) and, where SCANVI ran, the number of
+    seeds where that method's query accuracy is at least SCANVI's (``vs_scanvi``)."""
+    columns = ["accuracy", "balanced_accuracy", "ref_accuracy", "gap", "mixing", "ref_seconds", "query_seconds"]
+    groups = table.groupby(["data", "method"], sort=False)
+    mean, sd = groups[columns].mean(), groups[columns].std()
+    out = mean.copy()
+    for c in ("accuracy", "gap"):
+        out[f"{c}_sd"] = sd[c]
+    out.insert(0, "seeds", groups.size())
+    out["within_5"] = [f"{int(g['within_5'].astype(bool).sum())}/{len(g)}" for _, g in groups]
+    scanvi = table[table["method"] == "scanvi"].set_index(["data", "seed"])["accuracy"]
+    versus = []
+    for (name, method), g in groups:
+        paired = [(a, scanvi.get((name, s))) for a, s in zip(g["accuracy"], g["seed"])]
+        paired = [(a, b) for a, b in paired if b is not None]
+        versus.append("" if method == "scanvi" or not paired else
+                      f"{sum(a >= b for a, b in paired)}/{len(paired)}")
+    out["vs_scanvi"] = versus
+    return out.reset_index()
+
+
+def novelty_summary(table: pd.DataFrame) -> pd.DataFrame:
+    """Mean and smallest AUROC over the seeds of each left-out type, for each score."""
+    scores_ = [f"auroc_{s}" for s in NOVELTY_SCORES if f"auroc_{s}" in table]
+    groups = table.groupby(["data", "left_out"], sort=False)
+    out = groups[scores_].mean()
+    for c in scores_:
+        out[f"{c}_min"] = groups[c].min()
+    out.insert(0, "seeds", groups.size())
+    return out.reset_index()
+
+
+def report(table: pd.DataFrame, novelty_table: pd.DataFrame) -> None:
+    for title, t, summarise in (("query mapping", table, summary),
+                                ("unseen types", novelty_table, novelty_summary)):
+        if len(t):
+            print(f"\n{title}, every seed\n" + markdown(t))
+            print(f"\n{title}, over seeds\n" + markdown(summarise(t)), flush=True)
+
+
+def append(rows: list[dict], path: str | None) -> None:
+    if path and rows:
+        out = Path(path)
+        pd.DataFrame(rows).to_csv(out, mode="a", header=not out.exists(), index=False)
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", nargs="+", default=["bladder", "pbmc68k"])
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0],
+                        help="one split, labelled share and thinning per seed")
     parser.add_argument("--max-epochs", type=int, default=200)
     parser.add_argument("--query-epochs", type=int, default=None,
                         help="map_query's max_epochs (its default when not given)")
@@ -210,8 +278,21 @@ def main(argv=None):
     parser.add_argument("--scvi-query-epochs", type=int, default=100)
     parser.add_argument("--skip-query", action="store_true")
     parser.add_argument("--save-models", default=None,
-                        help="a folder to save the reference models in (<data>_reference.pt)")
+                        help="a folder to save the reference models in (<data>_reference.pt; "
+                             "<data>_reference_seed<S>.pt for seeds other than 0)")
+    parser.add_argument("--out", default=None, help="a CSV file the query-mapping rows are appended to")
+    parser.add_argument("--novelty-out", default=None, help="a CSV file the unseen-type rows are appended to")
+    parser.add_argument("--summarize", nargs="+", default=None, metavar="CSV",
+                        help="only print the tables of saved --out (and --novelty-out) files")
     args = parser.parse_args(argv)
+    if args.summarize:
+        tables = [pd.read_csv(path) for path in args.summarize]
+        query_tables = [t for t in tables if "method" in t]
+        novelty_tables = [t for t in tables if "left_out" in t]
+        table = pd.concat(query_tables, ignore_index=True) if query_tables else pd.DataFrame()
+        novelty_table = pd.concat(novelty_tables, ignore_index=True) if novelty_tables else pd.DataFrame()
+        report(table, novelty_table)
+        return table, novelty_table
     torch.set_num_threads(args.threads)
     query_options = {} if args.query_epochs is None else {"max_epochs": args.query_epochs}
     rows, novelty_rows = [], []
@@ -219,28 +300,33 @@ def main(argv=None):
         adata = datasets.load(name)
         if adata is None:
             continue
-        if not args.skip_query:
-            ref, query = split(adata, args.seed)
-            base = {"data": name, "seed": args.seed, "n_ref": ref.n_obs, "n_query": query.n_obs}
-            save = None if args.save_models is None else Path(args.save_models) / f"{name}_reference.pt"
-            clean = adata[query.obs_names, query.var_names].copy()  # the query before the batch effect
-            clean.obs["batch"] = "reference"
-            found = run_pyrovae(ref, query, clean, max_epochs=args.max_epochs, query_options=query_options,
-                                seed=args.seed, save=save)
-            if args.scvi:
-                found += run_scanvi(args.scvi, ref, query, query_epochs=args.scvi_query_epochs,
-                                    seed=args.seed)
-            rows += [{**base, **row} for row in found]
-            print(pd.DataFrame(rows).tail(len(found)).to_string(), flush=True)
-        if name == args.novelty_data and args.novelty_types > 0:
-            for left_out in left_out_types(adata, args.novelty_types):
-                novelty_rows.append({"data": name, **run_novelty(adata, left_out, max_epochs=args.max_epochs,
-                                                                 seed=args.seed)})
-                print(pd.DataFrame(novelty_rows).tail(1).to_string(), flush=True)
+        for seed in args.seeds:
+            if not args.skip_query:
+                ref, query = split(adata, seed)
+                base = {"data": name, "seed": seed, "n_ref": ref.n_obs, "n_query": query.n_obs}
+                save = None
+                if args.save_models is not None:
+                    save = Path(args.save_models) / (f"{name}_reference.pt" if seed == 0 else
+                                                     f"{name}_reference_seed{seed}.pt")
+                clean = adata[query.obs_names, query.var_names].copy()  # the query before the batch effect
+                clean.obs["batch"] = "reference"
+                found = run_pyrovae(ref, query, clean, max_epochs=args.max_epochs, query_options=query_options,
+                                    seed=seed, save=save)
+                if args.scvi:
+                    found += run_scanvi(args.scvi, ref, query, query_epochs=args.scvi_query_epochs, seed=seed)
+                found = [{**base, **row} for row in with_gap(found)]
+                rows += found
+                append(found, args.out)
+                print(pd.DataFrame(found).to_string(), flush=True)
+            if name == args.novelty_data and args.novelty_types > 0:
+                for left_out in left_out_types(adata, args.novelty_types):
+                    row = {"data": name, "seed": seed,
+                           **run_novelty(adata, left_out, max_epochs=args.max_epochs, seed=seed)}
+                    novelty_rows.append(row)
+                    append([row], args.novelty_out)
+                    print(pd.DataFrame([row]).to_string(), flush=True)
     table, novelty_table = pd.DataFrame(rows), pd.DataFrame(novelty_rows)
-    for t in (table, novelty_table):
-        if len(t):
-            print(markdown(t))
+    report(table, novelty_table)
     return table, novelty_table
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 from pyro.infer import TraceMeanField_ELBO
@@ -288,17 +289,51 @@ def test_mixtures_benchmark_passes_gmm_options_and_skips_a_missing_scvi(tmp_path
     assert table[["K", "ari", "nmi", "held_out_elbo"]].notna().all().all()
 
 
-def test_query_benchmark_runs_with_a_tiny_budget(keep_threads):
+def test_query_benchmark_runs_with_a_tiny_budget(keep_threads, tmp_path, capsys):
     from benchmarks import query
 
-    table, novelty = query.main(["--data", "pbmc68k", "--max-epochs", "2", "--query-epochs", "1",
-                                 "--novelty-data", "pbmc68k", "--novelty-types", "1"])
-    assert list(table["method"]) == ["pyrovae, query without batch effect", "pyrovae unmapped", "pyrovae"]
-    assert table[["accuracy", "balanced_accuracy", "ref_accuracy", "mixing"]].notna().all().all()
+    out, novelty_out = tmp_path / "query.csv", tmp_path / "novelty.csv"
+    table, novelty = query.main(["--data", "pbmc68k", "--seeds", "0", "1", "--max-epochs", "2",
+                                 "--query-epochs", "1", "--novelty-data", "pbmc68k", "--novelty-types", "1",
+                                 "--out", str(out), "--novelty-out", str(novelty_out)])
+    methods = ["pyrovae, query without batch effect", "pyrovae unmapped", "pyrovae"]
+    assert list(table["method"]) == methods * 2 and list(table["seed"]) == [0] * 3 + [1] * 3
+    assert table[["accuracy", "balanced_accuracy", "ref_accuracy", "mixing", "gap"]].notna().all().all()
+    assert np.allclose(table["gap"], table["ref_accuracy"] - table["accuracy"])
+    assert (table["within_5"] == (table["gap"] <= 0.05 + 1e-12)).all()
     assert (table["n_ref"] + table["n_query"] <= 700).all()
-    assert len(novelty) == 2  # the largest type and a small one
+    assert len(novelty) == 4 and list(novelty["seed"]) == [0, 0, 1, 1]  # the largest type and a small one
     scores = [f"auroc_{s}" for s in pyrovae.labels.NOVELTY_SCORES]
     assert novelty[scores].apply(lambda c: c.between(0, 1)).all().all()
+    # every row was appended as it ended; --summarize rebuilds the same tables from the files
+    saved = pd.read_csv(out)
+    assert len(saved) == 6 and np.allclose(saved["accuracy"], table["accuracy"])
+    assert len(pd.read_csv(novelty_out)) == 4
+    mean = query.summary(table)
+    assert list(mean["method"]) == methods and (mean["seeds"] == 2).all()
+    pyro = mean.set_index("method").loc["pyrovae"]
+    assert np.isclose(pyro["gap"], table[table["method"] == "pyrovae"]["gap"].mean())
+    assert pyro["within_5"] == f"{int(table[table['method'] == 'pyrovae']['within_5'].sum())}/2"
+    assert (mean["vs_scanvi"] == "").all()  # no SCANVI rows to compare with
+    capsys.readouterr()
+    again, again_novelty = query.main(["--summarize", str(out), str(novelty_out)])
+    assert len(again) == 6 and len(again_novelty) == 4
+    assert "query mapping, over seeds" in capsys.readouterr().out
+
+
+def test_query_benchmark_summary_counts_seeds_against_scanvi():
+    from benchmarks import query
+
+    rows = [{"data": "d", "seed": s, "method": m, "accuracy": a, "balanced_accuracy": a, "ref_accuracy": r,
+             "mixing": 0.5, "ref_seconds": 1.0, "query_seconds": 1.0}
+            for s, m, a, r in [(0, "pyrovae", 0.80, 0.84), (0, "scanvi", 0.70, 0.75),
+                               (1, "pyrovae", 0.70, 0.80), (1, "scanvi", 0.72, 0.74)]]
+    table = pd.DataFrame(query.with_gap(rows))
+    assert list(table["within_5"]) == [True, True, False, True]
+    mean = query.summary(table).set_index("method")
+    assert mean.loc["pyrovae", "within_5"] == "1/2" and mean.loc["scanvi", "within_5"] == "2/2"
+    assert mean.loc["pyrovae", "vs_scanvi"] == "1/2" and mean.loc["scanvi", "vs_scanvi"] == ""
+    assert np.isclose(mean.loc["pyrovae", "gap"], 0.07) and np.isclose(mean.loc["pyrovae", "accuracy"], 0.75)
 
 
 def test_query_benchmark_thinning_keeps_counts_integer_and_smaller():
