@@ -5,6 +5,7 @@ pyrovae latent space and scvi-tools' SCANVI, side by side in one run.
                                 [--max-epochs 200] [--threads 1] [--scvi PYTHON]
                                 [--methods pyrovae pyrovae_all knn scanvi] [--out ROWS.csv]
                                 [--fit-options JSON]
+    python benchmarks/labels.py --table ROWS.csv    # the tables of rows written by --out
 
 For each data set (``benchmarks/data.py``), seed and fraction, the cells with
 ``numpy.random.default_rng(seed).random(n) < fraction`` are labelled, the others
@@ -171,7 +172,13 @@ def main(argv=None):
                         choices=["pyrovae", "pyrovae_all", "knn", "scanvi"])
     parser.add_argument("--out", default=None, help="a CSV file the rows are appended to")
     parser.add_argument("--fit-options", default="{}", help="JSON: more fit() options for pyrovae")
+    parser.add_argument("--table", default=None,
+                        help="print the tables of the rows in this CSV (an --out file) and stop")
     args = parser.parse_args(argv)
+    if args.table:
+        table = pd.read_csv(args.table)
+        print(markdown(table) + "\n\nmean over seeds\n" + markdown(summary(table)))
+        return table
     options = json.loads(args.fit_options)
     torch.set_num_threads(args.threads)
     rows = []

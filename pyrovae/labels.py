@@ -36,7 +36,8 @@ __all__ = ["CLASSIFIER_INPUTS", "MIN_CALIBRATION_CELLS", "NOVELTY_SCORES", "Semi
 
 
 #: below this many labelled cells :func:`calibrate` warns: a temperature fitted on few cells
-#: is unreliable (on bladder, 10 % labels, one seed's ~40 held-out cells gave a worse ECE)
+#: is unreliable (pbmc68k, 10 % labels: ~14 held-out cells raised the ECE on two seeds of
+#: three, docs/labels.md)
 MIN_CALIBRATION_CELLS = 100
 
 ClassifierInput = Literal["body", "latent"]

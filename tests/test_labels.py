@@ -370,6 +370,7 @@ def test_labels_benchmark_with_fewer_labelled_cells_than_k(tmp_path):
     assert list(rows["classifier"].fillna("")) == ["body", "", "latent"]
     assert rows.loc[1, "k"] == labelled.sum() and rows[["accuracy", "ece"]].notna().all().all()
     assert len(bench.summary(rows)) == 3  # body and latent apart
+    pd.testing.assert_frame_equal(bench.main(["--table", str(out)]), rows)
 
 
 def test_class_balance_weighs_each_label_alike(small, quick):
