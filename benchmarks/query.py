@@ -3,7 +3,7 @@
     python benchmarks/query.py [--data bladder pbmc68k] [--seeds 0 [1 2 ...]] [--max-epochs 200]
                                [--query-epochs 50] [--novelty-types 3] [--threads 1]
                                [--scvi PYTHON] [--scvi-query-epochs 100]
-                               [--out ROWS.csv] [--novelty-out ROWS.csv]
+                               [--out ROWS.csv] [--novelty-out ROWS.csv] [--fit-options JSON]
     python benchmarks/query.py --summarize ROWS.csv
 
 Each seed is one split, one labelled share and one thinning (all drawn from ``seed``).
@@ -17,8 +17,9 @@ the convention of ``benchmarks/labels.py``), the others ``"Unknown"``; the refer
 batch (``"reference"``), the query another (``"query"``). Contenders:
 
 * ``pyrovae``: ``pyrovae.fit(ref, batch_key="batch", labels_key=..., unlabeled_category=
-  "Unknown")``, then ``reference.map_query(query)`` (its default options, or
-  ``--query-epochs``) and ``query_model.predict(query)``.
+  "Unknown")`` (and ``--fit-options``, e.g. ``'{"classifier_input": "latent"}'``), then
+  ``reference.map_query(query)`` (its default options, or ``--query-epochs``) and
+  ``query_model.predict(query)``.
 * ``pyrovae unmapped``: the reference model applied to the query as if it were reference
   cells (no mapping), the floor that mapping must beat.
 * ``pyrovae, query without batch effect``: the reference model on the query cells before
@@ -122,10 +123,10 @@ def mixing(latent_ref, latent_query) -> float:
     return batch_mixing_entropy(latent, batches)
 
 
-def run_pyrovae(ref, query, clean, *, max_epochs, query_options, seed, save=None):
+def run_pyrovae(ref, query, clean, *, max_epochs, query_options, seed, save=None, fit_options=None):
     start = time.perf_counter()
     reference = pyrovae.fit(ref, batch_key="batch", labels_key="known", unlabeled_category="Unknown",
-                            max_epochs=max_epochs, progress=False, seed=seed)
+                            max_epochs=max_epochs, progress=False, seed=seed, **(fit_options or {}))
     ref_seconds = time.perf_counter() - start
     if save is not None:
         reference.save(save)
@@ -183,7 +184,7 @@ def left_out_types(adata: ad.AnnData, n: int) -> list[str]:
     return chosen
 
 
-def run_novelty(adata, left_out: str, *, max_epochs, seed) -> dict:
+def run_novelty(adata, left_out: str, *, max_epochs, seed, fit_options=None) -> dict:
     truth = adata.obs[KEY].astype(str).to_numpy()
     known = np.random.default_rng(seed).random(adata.n_obs) < 0.1
     values = truth.copy()
@@ -192,7 +193,7 @@ def run_novelty(adata, left_out: str, *, max_epochs, seed) -> dict:
     train.obs["known"] = pd.Categorical(values)
     start = time.perf_counter()
     model = pyrovae.fit(train, labels_key="known", unlabeled_category="Unknown", max_epochs=max_epochs,
-                        progress=False, seed=seed)
+                        progress=False, seed=seed, **(fit_options or {}))
     seconds = time.perf_counter() - start
     cells = values == "Unknown"
     target = truth[cells] == left_out
@@ -282,6 +283,9 @@ def main(argv=None):
                              "<data>_reference_seed<S>.pt for seeds other than 0)")
     parser.add_argument("--out", default=None, help="a CSV file the query-mapping rows are appended to")
     parser.add_argument("--novelty-out", default=None, help="a CSV file the unseen-type rows are appended to")
+    parser.add_argument("--fit-options", default="{}",
+                        help="JSON: more pyrovae.fit options for the reference and novelty models, "
+                             'e.g. \'{"classifier_input": "latent"}\'')
     parser.add_argument("--summarize", nargs="+", default=None, metavar="CSV",
                         help="only print the tables of saved --out (and --novelty-out) files")
     args = parser.parse_args(argv)
@@ -294,6 +298,7 @@ def main(argv=None):
         report(table, novelty_table)
         return table, novelty_table
     torch.set_num_threads(args.threads)
+    fit_options = json.loads(args.fit_options)
     query_options = {} if args.query_epochs is None else {"max_epochs": args.query_epochs}
     rows, novelty_rows = [], []
     for name in args.data:
@@ -311,7 +316,7 @@ def main(argv=None):
                 clean = adata[query.obs_names, query.var_names].copy()  # the query before the batch effect
                 clean.obs["batch"] = "reference"
                 found = run_pyrovae(ref, query, clean, max_epochs=args.max_epochs, query_options=query_options,
-                                    seed=seed, save=save)
+                                    seed=seed, save=save, fit_options=fit_options)
                 if args.scvi:
                     found += run_scanvi(args.scvi, ref, query, query_epochs=args.scvi_query_epochs, seed=seed)
                 found = [{**base, **row} for row in with_gap(found)]
@@ -321,7 +326,8 @@ def main(argv=None):
             if name == args.novelty_data and args.novelty_types > 0:
                 for left_out in left_out_types(adata, args.novelty_types):
                     row = {"data": name, "seed": seed,
-                           **run_novelty(adata, left_out, max_epochs=args.max_epochs, seed=seed)}
+                           **run_novelty(adata, left_out, max_epochs=args.max_epochs, seed=seed,
+                                         fit_options=fit_options)}
                     novelty_rows.append(row)
                     append([row], args.novelty_out)
                     print(pd.DataFrame([row]).to_string(), flush=True)

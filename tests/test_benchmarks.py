@@ -295,7 +295,8 @@ def test_query_benchmark_runs_with_a_tiny_budget(keep_threads, tmp_path, capsys)
     out, novelty_out = tmp_path / "query.csv", tmp_path / "novelty.csv"
     table, novelty = query.main(["--data", "pbmc68k", "--seeds", "0", "1", "--max-epochs", "2",
                                  "--query-epochs", "1", "--novelty-data", "pbmc68k", "--novelty-types", "1",
-                                 "--out", str(out), "--novelty-out", str(novelty_out)])
+                                 "--out", str(out), "--novelty-out", str(novelty_out),
+                                 "--fit-options", '{"classifier_input": "latent"}', "--save-models", str(tmp_path)])
     methods = ["pyrovae, query without batch effect", "pyrovae unmapped", "pyrovae"]
     assert list(table["method"]) == methods * 2 and list(table["seed"]) == [0] * 3 + [1] * 3
     assert table[["accuracy", "balanced_accuracy", "ref_accuracy", "mixing", "gap"]].notna().all().all()
@@ -309,6 +310,9 @@ def test_query_benchmark_runs_with_a_tiny_budget(keep_threads, tmp_path, capsys)
     saved = pd.read_csv(out)
     assert len(saved) == 6 and np.allclose(saved["accuracy"], table["accuracy"])
     assert len(pd.read_csv(novelty_out)) == 4
+    # --fit-options reach the reference fit; one saved reference per seed
+    assert pyrovae.load(tmp_path / "pbmc68k_reference_seed1.pt").prior.classifier_input == "latent"
+    assert pyrovae.load(tmp_path / "pbmc68k_reference.pt").prior.classifier_input == "latent"
     mean = query.summary(table)
     assert list(mean["method"]) == methods and (mean["seeds"] == 2).all()
     pyro = mean.set_index("method").loc["pyrovae"]
