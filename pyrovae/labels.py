@@ -206,8 +206,11 @@ class SemiSupervised(GaussianMixture):
         if self.classification_weight > 0:  # in the guide: -log q enters the ELBO, hence the sign
             log_q = logits.log_softmax(-1).gather(-1, cls.unsqueeze(-1)).squeeze(-1)
             weight = self.classification_weight * self.class_weight[cls]
+            # pathwise: with has_rsample=False Pyro would treat the factor as a
+            # non-reparameterised sample and add a score-function gradient, log q times
+            # the downstream cost, to the classifier's (a bias, not the M2 term)
             pyro.factor("classification", -weight * log_q * known,
-                        has_rsample=False)
+                        has_rsample=True)
         loc, scale = encoder.loc(h), encoder.to_scale(encoder.scale(h))
         return pyro.sample("z", dist.Normal(loc, scale).to_event(1))
 

@@ -607,3 +607,31 @@ def test_map_query_keeps_a_latent_classifier(reference_and_query):
     with torch.no_grad():
         expected = mapped.prior.classifier(z).softmax(-1).numpy()
     np.testing.assert_allclose(mapped.predict(query, soft=True).to_numpy(), expected, rtol=1e-4, atol=1e-5)
+
+
+def test_classification_term_has_its_plain_gradient(fitted):
+    """Every cell labelled: the classifier enters the loss only through
+    ``-alpha w_c log q(c | x)``, so its gradient is that term's, with no score-function
+    part (a guide factor with ``has_rsample=False`` would add one: Pyro treats such a
+    factor as a non-reparameterised sample and weighs it by the downstream cost)."""
+    model, adata, _ = fitted
+    full = adata[:40].copy()
+    full.obs["lab"] = pd.Categorical(full.obs["cluster"].astype(str),
+                                     categories=adata.obs["lab"].cat.categories)
+    args = model.model_args(full)
+    args = args[:-2] + (torch.arange(full.n_obs), full.n_obs)
+    prior = model.prior
+    cls = prior.code_to_class[args[4]]
+    weight = prior.classifier.weight
+    model.module.eval()
+    with pyro.validation_enabled(False):
+        torch.manual_seed(3)
+        loss = TraceEnum_ELBO(max_plate_nesting=1).differentiable_loss(model.model, model.guide, *args)
+        (got,) = torch.autograd.grad(loss, weight)
+    x, _, covariates = args[:3]
+    log_q = prior.label_logits(model.module.guide.encoder,
+                               model.module.guide.encoder_input(x, covariates)).log_softmax(-1)
+    term = -(prior.classification_weight * prior.class_weight[cls]
+             * log_q.gather(-1, cls.unsqueeze(-1)).squeeze(-1)).sum()
+    (expected,) = torch.autograd.grad(term, weight)
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
