@@ -350,7 +350,7 @@ def test_labels_benchmark_runs_with_a_tiny_budget():
 
 
 def test_labels_benchmark_with_fewer_labelled_cells_than_k(tmp_path):
-    """1 % of pbmc68k's 700 cells: kNN takes k = the number of labelled cells (it failed
+    """1 % of pbmc68k's 700 cells (8 labelled): kNN takes k = the number of labelled cells (it failed
     with k = 15); pyrovae_all trains on every labelled cell without calibrating; rows of
     runs with other methods and options append to one CSV by column name."""
     from benchmarks import labels as bench
