@@ -65,7 +65,11 @@ class SemiSupervised(GaussianMixture):
     The loss of a labelled cell is ``-[log p(x | z) + log p(z | c) + log p(c) - log q(z | x)]
     - alpha log q(c | x)`` (M2's classification term, weight ``alpha``); that of an
     unlabelled cell is ``-sum_k q(k | x) [log p(x | z) + log p(z | k) - log q(z | x)]
-    + KL(q(y | x) || p(y))``, the sum over ``k`` done by parallel enumeration.
+    + KL(q(y | x) || p(y))``, the sum over ``k`` done by parallel enumeration. The
+    classification term's gradient is not M2's: its factor is not reparameterised
+    (``has_rsample=False``), so Pyro weighs it by ``1 + L`` (the cell's loss, held fixed);
+    the plain gradient was measured worse (docs/labels.md, "The classification term's
+    gradient").
 
     Both kinds of cells share one minibatch and one enumerated site ``"y"``: for a labelled
     cell its model and guide distributions are both uniform, so that they cancel in the
@@ -206,11 +210,12 @@ class SemiSupervised(GaussianMixture):
         if self.classification_weight > 0:  # in the guide: -log q enters the ELBO, hence the sign
             log_q = logits.log_softmax(-1).gather(-1, cls.unsqueeze(-1)).squeeze(-1)
             weight = self.classification_weight * self.class_weight[cls]
-            # pathwise: with has_rsample=False Pyro would treat the factor as a
-            # non-reparameterised sample and add a score-function gradient, log q times
-            # the downstream cost, to the classifier's (a bias, not the M2 term)
+            # has_rsample=False, kept as measured: Pyro treats the factor as a
+            # non-reparameterised site, so the classifier's gradient is that of
+            # sum_i f_i (1 + L_i), L_i the cell's loss held fixed, not M2's sum_i f_i.
+            # The plain (pathwise) gradient was measured worse: docs/labels.md.
             pyro.factor("classification", -weight * log_q * known,
-                        has_rsample=True)
+                        has_rsample=False)
         loc, scale = encoder.loc(h), encoder.to_scale(encoder.scale(h))
         return pyro.sample("z", dist.Normal(loc, scale).to_event(1))
 
