@@ -446,15 +446,21 @@ def _loss(model, args, seed=3):
         return TraceEnum_ELBO(max_plate_nesting=1).loss(model.model, model.guide, *args)
 
 
+def _all_labelled(model, adata, n=40):
+    """The first ``n`` cells with every label known, and the model's arguments for them
+    as one full minibatch."""
+    full = adata[:n].copy()
+    full.obs["lab"] = pd.Categorical(full.obs["cluster"].astype(str),
+                                     categories=adata.obs["lab"].cat.categories)
+    args = model.model_args(full)
+    return full, args[:-2] + (torch.arange(full.n_obs), full.n_obs)
+
+
 def test_all_labelled_loss_is_the_supervised_sum(fitted):
     """Every cell labelled: loss = -sum [log p(x|z) + log p(z|c) + log p(c) - log q(z|x)]
     - sum alpha w_c log q(c|x); the enumerated y cancels."""
     model, adata, _ = fitted
-    full = adata[:40].copy()
-    full.obs["lab"] = pd.Categorical(full.obs["cluster"].astype(str),
-                                     categories=adata.obs["lab"].cat.categories)
-    args = model.model_args(full)
-    args = args[:-2] + (torch.arange(full.n_obs), full.n_obs)
+    full, args = _all_labelled(model, adata)
     cls = model.prior.code_to_class[args[4]]
     assert (cls >= 0).all()
     loss = _loss(model, args)
@@ -618,11 +624,7 @@ def test_classification_gradient_is_weighted_by_each_cells_loss(fitted):
     because it is not M2's plain ``sum_i f_i`` (docs/labels.md, "The classification
     term's gradient"): a change of it must be measured, not slipped in."""
     model, adata, _ = fitted
-    full = adata[:40].copy()
-    full.obs["lab"] = pd.Categorical(full.obs["cluster"].astype(str),
-                                     categories=adata.obs["lab"].cat.categories)
-    args = model.model_args(full)
-    args = args[:-2] + (torch.arange(full.n_obs), full.n_obs)
+    full, args = _all_labelled(model, adata)
     prior = model.prior
     cls = prior.code_to_class[args[4]]
     weight = prior.classifier.weight
