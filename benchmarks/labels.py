@@ -38,7 +38,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
 import tempfile
 import time
@@ -54,10 +53,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import pyrovae  # noqa: E402
 from benchmarks import data as datasets  # noqa: E402
+from benchmarks.scvi_env import run_script  # noqa: E402
 from benchmarks.tables import markdown  # noqa: E402
 from pyrovae.metrics import expected_calibration_error  # noqa: E402
 
-HERE = Path(__file__).resolve().parent
 
 
 def split(n: int, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -129,12 +128,9 @@ def run_scanvi(python, adata, key, labelled, seed):
         values[~labelled] = "Unknown"
         data.obs["known"] = values
         data.write_h5ad(path)
-        done = subprocess.run([python, str(HERE / "labels_scvi.py"), str(path), str(out), str(seed)],
-                              capture_output=True, text=True)
-        if done.returncode != 0:
-            print("scanvi failed:", done.stderr[-2000:])
+        info = run_script(python, "labels_scvi.py", path, out, seed, name="scanvi")
+        if info is None:
             return None, None
-        info = json.loads(done.stdout.strip().splitlines()[-1])
         return pd.read_csv(out, index_col=0), info["seconds"]
 
 

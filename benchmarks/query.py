@@ -54,7 +54,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
 import tempfile
 import time
@@ -71,11 +70,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import pyrovae  # noqa: E402
 from benchmarks import data as datasets  # noqa: E402
+from benchmarks.scvi_env import run_script  # noqa: E402
 from benchmarks.tables import markdown  # noqa: E402
 from pyrovae.labels import NOVELTY_SCORES  # noqa: E402
 from pyrovae.metrics import batch_mixing_entropy  # noqa: E402
 
-HERE = Path(__file__).resolve().parent
 KEY = "cell_type"
 
 
@@ -157,12 +156,9 @@ def run_scanvi(python, ref, query, *, query_epochs, seed):
         q = query.copy()
         q.obs["known"] = "Unknown"
         q.write_h5ad(folder / "query.h5ad")
-        done = subprocess.run([python, str(HERE / "query_scvi.py"), str(folder), str(seed), str(query_epochs)],
-                              capture_output=True, text=True)
-        if done.returncode != 0:
-            print("scanvi failed:", done.stderr[-2000:])
+        info = run_script(python, "query_scvi.py", folder, seed, query_epochs, name="scanvi")
+        if info is None:
             return []
-        info = json.loads(done.stdout.strip().splitlines()[-1])
         pred_ref = pd.read_csv(folder / "pred_ref.csv", index_col=0).iloc[:, 0]
         pred_query = pd.read_csv(folder / "pred_query.csv", index_col=0).iloc[:, 0]
         latent_ref = np.load(folder / "latent_ref.npy")
