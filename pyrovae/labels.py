@@ -203,7 +203,14 @@ class SemiSupervised(GaussianMixture):
         logits = self._logits(encoder, h)
         if label is None:  # no labels given: every cell's label is unknown
             pyro.sample("y", dist.Categorical(logits=logits), infer={"enumerate": "parallel"})
-            return pyro.sample("z", dist.Normal(encoder.loc(h), encoder.to_scale(encoder.scale(h))).to_event(1))
+        else:
+            self._labelled_y(logits, label)
+        loc, scale = encoder.loc(h), encoder.to_scale(encoder.scale(h))
+        return pyro.sample("z", dist.Normal(loc, scale).to_event(1))
+
+    def _labelled_y(self, logits: torch.Tensor, label: torch.Tensor) -> None:
+        """The guide's ``y`` where some labels are known (uniform for those cells, so that
+        it cancels with the model's), and M2's classification term on them."""
         cls, known = self._known(label)
         q_logits = torch.where(known.unsqueeze(-1), torch.zeros_like(logits), logits)
         pyro.sample("y", dist.Categorical(logits=q_logits), infer={"enumerate": "parallel"})
@@ -216,8 +223,6 @@ class SemiSupervised(GaussianMixture):
             # The plain (pathwise) gradient was measured worse: docs/labels.md.
             pyro.factor("classification", -weight * log_q * known,
                         has_rsample=False)
-        loc, scale = encoder.loc(h), encoder.to_scale(encoder.scale(h))
-        return pyro.sample("z", dist.Normal(loc, scale).to_event(1))
 
     def initialize(self, latent: torch.Tensor, x: torch.Tensor) -> None:
         self.initialized.fill_(True)  # the labelled cells place the components

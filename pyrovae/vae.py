@@ -182,7 +182,7 @@ class VAE:
 
     def _labels_prior(self, adata, *, labels_key: str | None = None,
                       unlabeled_category: str = "Unknown", classification_weight: float = 50.0,
-                      class_balance: bool = True, classifier_input: str = "body"):
+                      class_balance: bool = True, classifier_input: Literal["body", "latent"] = "body"):
         """The ``"labels"`` prior for ``set_prior``; reads the labels column from now on."""
         from .labels import labels_prior, with_labels_column
 
