@@ -71,6 +71,7 @@ import pyrovae  # noqa: E402
 from benchmarks import data as datasets  # noqa: E402
 from benchmarks.scvi_env import run_script  # noqa: E402
 from benchmarks.tables import markdown  # noqa: E402
+from pyrovae._threads import torch_threads_kept  # noqa: E402
 from pyrovae.data import read_data  # noqa: E402
 from pyrovae.priors import GaussianMixture, KRule  # noqa: E402
 
@@ -210,7 +211,8 @@ def run_auto(name: str, adata, seed: int, modes: list[str], max_epochs: int | No
     def leiden(latent, contender: str, **row) -> None:
         light = adata.copy()
         light.obsm["X_pyrovae"] = latent
-        sc.pp.neighbors(light, use_rep="X_pyrovae", random_state=seed)
+        with torch_threads_kept():  # else every later fit in this process runs on all cores
+            sc.pp.neighbors(light, use_rep="X_pyrovae", random_state=seed)
         for resolution in LEIDEN_RESOLUTIONS:
             sc.tl.leiden(light, resolution=resolution, flavor="igraph", n_iterations=2,
                          directed=False, random_state=seed, key_added="leiden")

@@ -18,6 +18,8 @@ from sklearn.cluster import KMeans
 from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score, silhouette_score
 from sklearn.neighbors import NearestNeighbors
 
+from ._threads import torch_threads_kept
+
 __all__ = [
     "batch_mixing_entropy",
     "cluster_scores",
@@ -134,7 +136,8 @@ def leiden_scores(
     latent = np.asarray(latent, dtype=np.float32)
     light = ad.AnnData(obs=pd.DataFrame(index=[str(i) for i in range(len(latent))]),
                        obsm={"latent": latent})
-    sc.pp.neighbors(light, use_rep="latent", n_neighbors=n_neighbors, random_state=seed)
+    with torch_threads_kept():
+        sc.pp.neighbors(light, use_rep="latent", n_neighbors=n_neighbors, random_state=seed)
     sc.tl.leiden(light, resolution=resolution, random_state=seed, flavor="igraph",
                  n_iterations=2, directed=False)
     found = light.obs["leiden"].to_numpy()

@@ -10,6 +10,8 @@ import anndata as ad
 import numpy as np
 import pandas as pd
 
+from ._threads import torch_threads_kept
+
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
@@ -121,8 +123,9 @@ def umap(adata: ad.AnnData, *, use_rep: str = "X_pyrovae", n_neighbors: int = 15
     if use_rep not in adata.obsm:
         raise KeyError(f"adata.obsm[{use_rep!r}] not found; available: {list(adata.obsm.keys())}")
     light = ad.AnnData(obs=pd.DataFrame(index=adata.obs_names), obsm={use_rep: adata.obsm[use_rep]})
-    sc.pp.neighbors(light, use_rep=use_rep, n_neighbors=n_neighbors, random_state=seed)
-    sc.tl.umap(light, random_state=seed)
+    with torch_threads_kept():  # pynndescent and umap-learn reset it (pyrovae._threads)
+        sc.pp.neighbors(light, use_rep=use_rep, n_neighbors=n_neighbors, random_state=seed)
+        sc.tl.umap(light, random_state=seed)
     return light.obsm["X_umap"]
 
 

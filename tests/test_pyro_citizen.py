@@ -406,6 +406,29 @@ def test_knn_graph_is_scanpys_without_compiling_it():
     assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-3000:]
 
 
+
+def test_neighbours_and_umap_leave_torchs_thread_count_alone(sim):
+    """scanpy's neighbours and UMAP (pynndescent, umap-learn) reset numba's threads to all
+    cores, and with numba's OpenMP layer torch's too; pyrovae's Leiden scores and UMAP
+    set it back (on 2 cores, a mixture then trained 45x slower beside another job)."""
+    import numba
+
+    from pyrovae import metrics, plotting
+
+    before = torch.get_num_threads()
+    threads = 1 if numba.config.NUMBA_NUM_THREADS > 1 else 2  # not numba's default
+    torch.set_num_threads(threads)
+    try:
+        latent = np.random.default_rng(0).normal(size=(sim.n_obs, 3)).astype(np.float32)
+        metrics.leiden_scores(latent, sim.obs["cluster"].to_numpy())
+        assert torch.get_num_threads() == threads
+        view = sim.copy()
+        view.obsm["X_pyrovae"] = latent
+        plotting.umap(view)
+        assert torch.get_num_threads() == threads
+    finally:
+        torch.set_num_threads(before)
+
 # ---------------------------------------------------------------------------- notebook polish
 def test_posterior_predictive_check_has_a_short_repr(fitted, sim):
     check = pyrovae.posterior_predictive_check(fitted, sim[:50], n_samples=5)
