@@ -443,7 +443,8 @@ def calibrate(model: "VAE", adata: "ad.AnnData", *, labels_key: str | None = Non
     ``mean_i max_k q_T(k | x_i)`` over ``cells`` equals the accuracy expected on them,
     estimated from the held-out labelled cells by Laplace's rule: ``(m + 1) / (n + 2)`` for
     ``m`` of ``n`` predicted right (the posterior mean under a uniform prior, so that a
-    hold-out without errors does not ask for confidence 1). The mean confidence falls
+    hold-out without errors does not ask for confidence 1); a held-out cell whose label is
+    none of the model's (nor the unlabeled category) counts among the ``n``, as an error. The mean confidence falls
     monotonically as ``T`` grows, so ``T`` is found by bisection on ``log T``. This zeroes
     the gap ``|accuracy - mean confidence|``, a lower bound of the ECE, and depends on the
     hold-out only through its number of errors. ``method="nll"`` (Guo et al. 2017's
@@ -456,8 +457,8 @@ def calibrate(model: "VAE", adata: "ad.AnnData", *, labels_key: str | None = Non
     model
         A model with the ``"labels"`` prior; changed in place.
     adata
-        Labelled cells held out from training; those whose label is not one of the
-        model's labels (e.g. the unlabeled category) are ignored.
+        Labelled cells held out from training; those of the unlabeled category are
+        ignored, and so, by ``"nll"``, are those whose label is not one of the model's.
     labels_key
         Column of the labels; the model's labels column by default.
     method
@@ -465,7 +466,7 @@ def calibrate(model: "VAE", adata: "ad.AnnData", *, labels_key: str | None = Non
     cells
         For ``method="accuracy"``: the cells whose mean confidence is matched, typically
         the unlabelled cells to be labelled (no labels column needed). Default: the
-        labelled cells of ``adata``. Ignored by ``"nll"``.
+        held-out labelled cells themselves. Ignored by ``"nll"``.
     steps
         For ``method="nll"``: L-BFGS iterations on ``log T``; for ``"accuracy"``:
         bisection steps (60 reach machine precision).
@@ -481,10 +482,13 @@ def calibrate(model: "VAE", adata: "ad.AnnData", *, labels_key: str | None = Non
     key = labels_key or model.covariates.labels_key
     values = adata.obs[key].astype(str).to_numpy()
     known = np.isin(values, prior.labels)
+    # labelled with a type the model has no label for: always predicted wrong, so they count
+    # (as errors) in the accuracy; the likelihood of "nll" cannot use them
+    unseen = ~known & (values != prior.unlabeled_category) if method == "accuracy" else np.zeros_like(known)
     if known.sum() == 0:
         raise ValueError(f"no cell of adata.obs[{key!r}] has a known label {prior.labels}")
-    if known.sum() < MIN_CALIBRATION_CELLS:
-        warnings.warn(f"calibrating on {int(known.sum())} labelled cells (fewer than "
+    if known.sum() + unseen.sum() < MIN_CALIBRATION_CELLS:
+        warnings.warn(f"calibrating on {int(known.sum() + unseen.sum())} labelled cells (fewer than "
                       f"{MIN_CALIBRATION_CELLS}): a temperature fitted on few cells is unreliable "
                       "and can make the calibration worse; hold out more labelled cells",
                       UserWarning, stacklevel=user_stacklevel())
@@ -495,9 +499,9 @@ def calibrate(model: "VAE", adata: "ad.AnnData", *, labels_key: str | None = Non
 
     logits = logits_of(adata[known])
     if method == "accuracy":
-        right = int((logits.argmax(-1) == target).sum())
-        accuracy = (right + 1) / (len(target) + 2)
-        matched = logits if cells is None else logits_of(cells)
+        right, n = int((logits.argmax(-1) == target).sum()), int(known.sum() + unseen.sum())
+        accuracy = (right + 1) / (n + 2)
+        matched = logits_of(adata[known | unseen]) if cells is None else logits_of(cells)
         temperature = confidence_temperature(matched, accuracy, steps=steps)
     else:
         temperature = nll_temperature(logits, target, steps=steps)

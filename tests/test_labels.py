@@ -690,6 +690,15 @@ def test_accuracy_calibration_matches_confidence_to_accuracy_and_lowers_the_ece(
     assert model.predict(hold_out, soft=True).to_numpy().max(1).mean() == pytest.approx(
         (right + 1) / (held.sum() + 2), abs=1e-6)
     assert float(model.prior.calibration_temperature) != temperature
+    # a held-out cell of a type the model has no label for counts, as an error
+    novel = hold_out.copy()  # (in another column: the model's own may not hold new categories)
+    values = truth[held].copy()
+    values[:10] = "novel"
+    novel.obs["other"] = pd.Categorical(values)
+    model.calibrate(novel, labels_key="other", cells=small[scored].copy())
+    right = (model.predict(novel).astype(str).to_numpy()[10:] == truth[held][10:]).sum()
+    assert model.predict(small[scored], soft=True).to_numpy().max(1).mean() == pytest.approx(
+        (right + 1) / (held.sum() + 2), abs=1e-6)
     with pytest.raises(ValueError, match="method must be one of"):
         model.calibrate(hold_out, method="ece")
 
