@@ -2,13 +2,17 @@
 
     python benchmarks/calibration.py [--data bladder pbmc68k] [--seeds 0 1 2]
                                      [--max-epochs 200] [--threads 1] [--cache DIR]
+                                     [--held-fraction 0.2] [--fit-options JSON]
 
 For each data set and seed, pyrovae is fitted ONCE as ``benchmarks/labels.py``'s ``pyrovae``
 contender is (10 % of the cells labelled, 20 % of those held out, the same draws and fit
 options; the fit is saved in ``--cache`` and reused when its files are there), and each
-calibrator below is applied to that one fit. Scored as in ``labels.py``: ECE (15 bins),
-accuracy and balanced accuracy on the unlabelled cells; ``holdout_ece`` on the held-out
-labelled cells (which the calibrators with a fitted ``T`` have seen).
+calibrator below is applied to that one fit. ``--held-fraction`` holds out another share
+of the labelled cells (the same generator), ``--fit-options`` passes more ``fit`` options
+(JSON). Scored as in ``labels.py``: ECE (15 bins), accuracy, balanced accuracy and the mean
+confidence (top probability) on the unlabelled cells; ``holdout_ece`` on the held-out
+labelled cells (which the calibrators with a fitted ``T`` have seen). A second table gives
+``q``'s accuracy and mean confidence on the labelled cells it was trained on.
 
 * ``q``: ``q(y | x) = softmax(c(u))``, not calibrated.
 * ``q, T by NLL``: temperature scaling by the held-out negative log-likelihood
@@ -33,6 +37,7 @@ accuracy is given too.
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import sys
 from pathlib import Path
@@ -48,24 +53,34 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import pyrovae  # noqa: E402
 from benchmarks import data as datasets  # noqa: E402
-from benchmarks.labels import split  # noqa: E402
 from benchmarks.tables import markdown  # noqa: E402
 from pyrovae.labels import confidence_temperature  # noqa: E402
 from pyrovae.metrics import expected_calibration_error  # noqa: E402
 
 
-def fitted_arrays(adata, name: str, seed: int, max_epochs: int, cache: Path) -> dict:
+def split(n: int, seed: int, held_fraction: float) -> tuple[np.ndarray, np.ndarray]:
+    """``labels.py``'s draws: 10 % labelled, ``held_fraction`` of them held out."""
+    rng = np.random.default_rng(seed)
+    labelled = rng.random(n) < 0.1
+    return labelled, labelled & (rng.random(n) < held_fraction)
+
+
+def fitted_arrays(adata, name: str, seed: int, max_epochs: int, cache: Path,
+                  held_fraction: float = 0.2, options: dict | None = None) -> dict:
     """Fit (or reuse) ``labels.py``'s ``pyrovae`` contender; its classifier logits,
     ``q(z | x)`` and mixture parameters as arrays."""
-    stem = cache / f"{name}_s{seed}_80"
+    options = options or {}
+    tag = "" if held_fraction == 0.2 else f"_held{held_fraction}"
+    tag += "".join(f"_{k}={v}" for k, v in sorted(options.items()))
+    stem = cache / f"{name}_s{seed}_80{tag}"
     if not Path(f"{stem}.npz").exists():
-        labelled, held = split(adata.n_obs, 0.1, seed)
+        labelled, held = split(adata.n_obs, seed, held_fraction)
         train = adata.copy()
         values = adata.obs["cell_type"].astype(str).to_numpy().copy()
         values[~labelled | held] = "Unknown"
         train.obs["known"] = pd.Categorical(values)
         model = pyrovae.fit(train, labels_key="known", unlabeled_category="Unknown",
-                            max_epochs=max_epochs, progress=False, seed=seed)
+                            max_epochs=max_epochs, progress=False, seed=seed, **options)
         model.save(f"{stem}.pyrovae")
         prior = model.prior
         logits = model._map(train, lambda enc, x: prior.label_logits(enc, x), 1024)
@@ -130,13 +145,15 @@ def calibrators(d: dict) -> dict[str, np.ndarray]:
     return out
 
 
-def scores(probs, labels, truth, cells) -> tuple[float, float, float]:
+def scores(probs, labels, truth, cells) -> tuple[float, float, float, float]:
+    """ECE, accuracy, balanced accuracy and mean confidence on ``cells``."""
     t, p = truth[cells], probs[cells]
     labels = list(labels)
     target = [labels.index(x) if x in labels else len(labels) for x in t]  # unseen: wrong
     ece = expected_calibration_error(np.concatenate([p, np.zeros((len(p), 1))], 1), target)
     pred = np.asarray(labels)[p.argmax(1)]
-    return ece, float((pred == t).mean()), float(balanced_accuracy_score(t, pred))
+    return (ece, float((pred == t).mean()), float(balanced_accuracy_score(t, pred)),
+            float(p.max(1).mean()))
 
 
 def main(argv=None) -> pd.DataFrame:
@@ -146,11 +163,15 @@ def main(argv=None) -> pd.DataFrame:
     parser.add_argument("--max-epochs", type=int, default=200)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--cache", default="calibration_fits", help="folder of the saved fits")
+    parser.add_argument("--held-fraction", type=float, default=0.2,
+                        help="share of the labelled cells held out from training")
+    parser.add_argument("--fit-options", default="{}", help="JSON: more fit() options")
     args = parser.parse_args(argv)
+    options = json.loads(args.fit_options)
     torch.set_num_threads(args.threads)
     cache = Path(args.cache)
     cache.mkdir(parents=True, exist_ok=True)
-    rows = []
+    rows, trained = [], []
     import warnings
 
     for name in args.data:
@@ -158,20 +179,26 @@ def main(argv=None) -> pd.DataFrame:
         if adata is None:
             continue
         for seed in args.seeds:
-            d = fitted_arrays(adata, name, seed, args.max_epochs, cache)
+            d = fitted_arrays(adata, name, seed, args.max_epochs, cache, args.held_fraction, options)
+            base = {"data": name, "seed": seed, "held": int(d["held"].sum())}
             for method, log_p in calibrators(d).items():
                 p = softmax(log_p, 1)
                 with warnings.catch_warnings():  # balanced accuracy: a type never predicted
                     warnings.simplefilter("ignore", UserWarning)
-                    ece, acc, bacc = scores(p, d["labels"], d["truth"], ~d["labelled"])
+                    ece, acc, bacc, conf = scores(p, d["labels"], d["truth"], ~d["labelled"])
                     holdout = scores(p, d["labels"], d["truth"], d["held"])[0]
-                rows.append({"data": name, "seed": seed, "method": method, "ece": ece,
-                             "accuracy": acc, "balanced_accuracy": bacc, "holdout_ece": holdout})
+                    if method == "q":
+                        fit_cells = d["labelled"] & ~d["held"]
+                        _, t_acc, _, t_conf = scores(p, d["labels"], d["truth"], fit_cells)
+                        trained.append({**base, "accuracy": t_acc, "confidence": t_conf})
+                rows.append({**base, "method": method, "ece": ece, "accuracy": acc,
+                             "balanced_accuracy": bacc, "confidence": conf, "holdout_ece": holdout})
     table = pd.DataFrame(rows)
     print(markdown(table))
+    print("\nq on the labelled cells it was trained on\n" + markdown(pd.DataFrame(trained)))
     table["method"] = table["method"].str.replace(r" \(T = [0-9.]+\)", "", regex=True)
     groups = table.groupby(["data", "method"], sort=False)
-    mean = groups[["ece", "accuracy", "balanced_accuracy", "holdout_ece"]].mean()
+    mean = groups[["ece", "accuracy", "balanced_accuracy", "confidence", "holdout_ece"]].mean()
     mean.insert(1, "ece_per_seed", groups["ece"].apply(lambda s: " / ".join(f"{v:.3f}" for v in s)))
     print("\nmean over seeds\n" + markdown(mean.reset_index()))
     return table
