@@ -444,8 +444,9 @@ def calibrate(model: "VAE", adata: "ad.AnnData", *, labels_key: str | None = Non
     estimated from the held-out labelled cells by Laplace's rule: ``(m + 1) / (n + 2)`` for
     ``m`` of ``n`` predicted right (the posterior mean under a uniform prior, so that a
     hold-out without errors does not ask for confidence 1); a held-out cell whose label is
-    none of the model's (nor the unlabeled category) counts among the ``n``, as an error. The mean confidence falls
-    monotonically as ``T`` grows, so ``T`` is found by bisection on ``log T``. This zeroes
+    none of the model's (nor the unlabeled category) counts among the ``n``, as an error.
+    The mean confidence falls monotonically as ``T`` grows, so ``T`` is found by bisection
+    on ``log T``. This zeroes
     the gap ``|accuracy - mean confidence|``, a lower bound of the ECE, and depends on the
     hold-out only through its number of errors. ``method="nll"`` (Guo et al. 2017's
     temperature scaling, the only method before) minimises the held-out cells' negative
@@ -484,7 +485,9 @@ def calibrate(model: "VAE", adata: "ad.AnnData", *, labels_key: str | None = Non
     known = np.isin(values, prior.labels)
     # labelled with a type the model has no label for: always predicted wrong, so they count
     # (as errors) in the accuracy; the likelihood of "nll" cannot use them
-    unseen = ~known & (values != prior.unlabeled_category) if method == "accuracy" else np.zeros_like(known)
+    unseen = ~known & (values != prior.unlabeled_category)
+    if method == "nll":
+        unseen[:] = False
     if known.sum() == 0:
         raise ValueError(f"no cell of adata.obs[{key!r}] has a known label {prior.labels}")
     if known.sum() + unseen.sum() < MIN_CALIBRATION_CELLS:
