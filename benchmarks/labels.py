@@ -14,8 +14,11 @@ For each data set (``benchmarks/data.py``), seed and fraction, the cells with
 * ``pyrovae``: ``pyrovae.fit(labels_key=..., unlabeled_category="Unknown")`` trained on 80 %
   of the labelled cells; the other 20 % (chosen with the same generator) are held out to
   calibrate ``q(y | x)`` by temperature scaling (``model.calibrate``). Its ECE is given
-  before (``ece``) and after (``ece_calibrated``) the calibration, and its accuracy and ECE
-  on the held-out cells before calibration (``holdout_accuracy``, ``holdout_ece``).
+  before (``ece``) and after the calibration: ``ece_calibrated`` (and ``temperature``)
+  by the default method, the unlabelled cells' mean confidence matched to the hold-out's
+  accuracy, ``ece_calibrated_nll`` (``temperature_nll``) by the held-out negative
+  log-likelihood; and its accuracy and ECE on the held-out cells before calibration
+  (``holdout_accuracy``, ``holdout_ece``).
 * ``pyrovae_all``: the same ``fit`` on all the labelled cells, no calibration: the row to
   compare with kNN and SCANVI, which use all the labelled cells too.
 * ``knn``: a standard-normal pyrovae VAE on all cells (no labels), then kNN (k = 15, or the
@@ -82,8 +85,11 @@ def scores(truth, probs: pd.DataFrame, cells: np.ndarray) -> dict:
 
 
 def run_pyrovae(adata, key, labelled, held, max_epochs, seed, options=None, calibrate=True):
-    """``(probs, calibrated, seconds, temperature, holdout, classifier)``; without
-    ``calibrate`` every labelled cell trains and ``calibrated``/``holdout`` are None."""
+    """``(probs, calibrated, seconds, holdout, classifier)``, ``calibrated``
+    ``{method: (probs, T)}`` for ``model.calibrate``'s methods ``"accuracy"`` (the
+    mean confidence of the unlabelled cells matched to the hold-out's accuracy) and
+    ``"nll"``; without ``calibrate`` every labelled cell trains and
+    ``calibrated``/``holdout`` are None."""
     train = adata.copy()
     values = adata.obs[key].astype(str).to_numpy().copy()
     hidden = held if calibrate else np.zeros_like(held)
@@ -96,15 +102,18 @@ def run_pyrovae(adata, key, labelled, held, max_epochs, seed, options=None, cali
     probs = model.predict(train, soft=True)
     classifier = model.prior.classifier_input
     if not calibrate:
-        return probs, None, seconds, float("nan"), None, classifier
+        return probs, None, seconds, None, classifier
     truth = adata.obs[key].astype(str).to_numpy()
     holdout = scores(truth, probs, held)
+    calibrated = {}
     if np.isin(truth[held], model.prior.labels).any():
-        temperature = model.calibrate(adata[held].copy(), labels_key=key)
+        for method in ("nll", "accuracy"):  # the default ("accuracy") last: the model keeps its T
+            temperature = model.calibrate(adata[held].copy(), labels_key=key, method=method,
+                                          cells=train[~labelled].copy())
+            calibrated[method] = (model.predict(train, soft=True), temperature)
     else:  # a tiny fraction: no held-out cell has a label the model trained on
-        temperature = float("nan")
-    calibrated = model.predict(train, soft=True)
-    return probs, calibrated, seconds, temperature, holdout, classifier
+        calibrated = {m: (probs, float("nan")) for m in ("nll", "accuracy")}
+    return probs, calibrated, seconds, holdout, classifier
 
 
 def run_knn(adata, key, labelled, max_epochs, seed):
@@ -145,7 +154,8 @@ def append_rows(path: Path, new: pd.DataFrame) -> None:
 def summary(table: pd.DataFrame) -> pd.DataFrame:
     """Mean and standard deviation over the seeds of each data set, fraction and method."""
     columns = [c for c in ("accuracy", "balanced_accuracy", "ece", "ece_calibrated",
-                           "holdout_accuracy", "holdout_ece", "seconds") if c in table]
+                           "ece_calibrated_nll", "holdout_accuracy", "holdout_ece", "seconds")
+               if c in table]
     keys = ["data", "fraction", "method"] + (["classifier"] if "classifier" in table else [])
     groups = table.groupby(keys, sort=False, dropna=False)[columns]
     mean, sd = groups.mean(), groups.std()
@@ -191,16 +201,18 @@ def main(argv=None):
                 base = {"data": name, "fraction": fraction, "seed": seed}
                 new = []
                 if "pyrovae" in args.methods:
-                    probs, calibrated, seconds, temperature, holdout, classifier = run_pyrovae(
+                    probs, calibrated, seconds, holdout, classifier = run_pyrovae(
                         adata, key, labelled, held, args.max_epochs, seed, options)
                     row = {**base, "method": "pyrovae", "classifier": classifier,
                            **scores(truth, probs, cells), "seconds": seconds}
-                    row["ece_calibrated"] = scores(truth, calibrated, cells)["ece"]
-                    row["temperature"] = temperature
+                    for method, suffix in (("accuracy", ""), ("nll", "_nll")):
+                        probs_t, temperature = calibrated[method]
+                        row[f"ece_calibrated{suffix}"] = scores(truth, probs_t, cells)["ece"]
+                        row[f"temperature{suffix}"] = temperature
                     row["holdout_accuracy"], row["holdout_ece"] = holdout["accuracy"], holdout["ece"]
                     new.append(row)
                 if "pyrovae_all" in args.methods:
-                    probs, _, seconds, _, _, classifier = run_pyrovae(
+                    probs, _, seconds, _, classifier = run_pyrovae(
                         adata, key, labelled, held, args.max_epochs, seed, options, calibrate=False)
                     new.append({**base, "method": "pyrovae_all", "classifier": classifier,
                                 **scores(truth, probs, cells), "seconds": seconds})

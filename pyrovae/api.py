@@ -129,7 +129,9 @@ def fit(
     calibration_fraction
         For ``prior="labels"``: the share of the labelled cells (drawn with ``seed``) whose
         labels are hidden in training and then used to calibrate ``q(y | x)`` by
-        temperature scaling (:func:`pyrovae.labels.calibrate`); 0 for none.
+        temperature scaling (:func:`pyrovae.labels.calibrate`: the temperature at which the
+        unlabelled cells' mean confidence equals the accuracy on the hidden cells); 0 for
+        none.
     n_clusters
         For a prior given by name: the number of mixture components, the clusters of
         ``"gmm"`` (default: chosen from the pre-trained latent means by
@@ -267,8 +269,12 @@ def fit(
         "plan": asdict(plan), "prior": prior.name, "prior_config": prior.config(),
     }
     _fit_stages(model, adata if held is None else held[0], plan, run, prior=prior)
-    if held is not None:
-        model.calibrate(adata[held[1]], labels_key=labels_key)
+    if held is not None:  # T matches the unlabelled cells' mean confidence to the hold-out's accuracy
+        training, hidden = held
+        unlabelled = ~hidden & (training.obs[labels_key].astype(str).to_numpy()
+                                == (unlabeled_category or "Unknown"))
+        model.calibrate(adata[hidden], labels_key=labels_key,
+                        cells=training[unlabelled] if unlabelled.any() else None)
     if not files and not semi_supervised and isinstance(model.prior, GaussianMixture) and (
             model.prior.selection.get("method") != "given"):
         prune_clusters(model, adata)  # a K chosen from the data: drop the empty components

@@ -422,12 +422,15 @@ class VAE:
 
         return novelty(self, adata, score=score)
 
-    def calibrate(self, adata: ad.AnnData, *, labels_key: str | None = None) -> float:
+    def calibrate(self, adata: ad.AnnData, *, labels_key: str | None = None,
+                  method: Literal["accuracy", "nll"] = "accuracy",
+                  cells: ad.AnnData | None = None) -> float:
         """Temperature-scale ``q(y | x)`` on held-out labelled cells, in place; returns the
-        temperature (see :func:`pyrovae.labels.calibrate`)."""
+        temperature (see :func:`pyrovae.labels.calibrate`: by default the mean confidence
+        on ``cells`` is matched to the hold-out's accuracy)."""
         from .labels import calibrate
 
-        return calibrate(self, adata, labels_key=labels_key)
+        return calibrate(self, adata, labels_key=labels_key, method=method, cells=cells)
 
     def map_query(self, query: ad.AnnData, **options) -> "VAE":
         """A new model for a query data set with new batches, trained with this model's

@@ -132,7 +132,7 @@ def test_ece_by_hand():
         expected_calibration_error(frame, ["a", "b", "c", "b"])
 
 
-def test_calibration_lowers_nll_and_keeps_predictions(fitted):
+def test_nll_calibration_lowers_nll_and_keeps_predictions(fitted):
     model, adata, known = fitted
     held = adata[known].copy()
     truth = held.obs["cluster"].astype(str).to_numpy()
@@ -143,9 +143,14 @@ def test_calibration_lowers_nll_and_keeps_predictions(fitted):
         return -np.log(p).mean()
 
     before, labels_before = nll(), model.predict(held).to_numpy()
-    temperature = model.calibrate(held)
+    temperature = model.calibrate(held, method="nll")
     assert temperature > 0 and temperature != 1.0
-    assert nll() <= before + 1e-9
+    at_t = nll()
+    assert at_t <= before + 1e-9
+    for factor in (0.9, 1.1):  # T is the minimum of the held-out NLL
+        model.prior.calibration_temperature.fill_(temperature * factor)
+        assert nll() >= at_t - 1e-9
+    model.prior.calibration_temperature.fill_(temperature)
     assert (model.predict(held).to_numpy() == labels_before).all()
 
 
@@ -652,3 +657,94 @@ def test_classification_gradient_is_weighted_by_each_cells_loss(fitted):
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-3 * float(expected.abs().max()))
     (plain,) = torch.autograd.grad(f.sum(), weight)
     assert (got - plain).norm() > 0.5 * got.norm()  # far from the plain M2 gradient
+
+
+@pytest.mark.parametrize("classifier_input", ["body", "latent"])
+def test_accuracy_calibration_matches_confidence_to_accuracy_and_lowers_the_ece(small, quick, classifier_input):
+    # 30 % of the cells held out (labels hidden in training), 20 % labelled and trained on,
+    # the other half scored; 3 epochs leave q(y | x) far from calibrated
+    truth = small.obs["cluster"].astype(str).to_numpy()
+    draw = np.random.default_rng(0).random(small.n_obs)
+    held, scored = draw < 0.3, draw >= 0.5
+    values = truth.copy()
+    values[held | scored] = "Unknown"
+    small.obs["lab"] = pd.Categorical(values)
+    model = pyrovae.fit(small, labels_key="lab", unlabeled_category="Unknown",
+                        classifier_input=classifier_input, **quick)
+
+    def ece():
+        soft = model.predict(small[scored], soft=True)
+        return expected_calibration_error(soft.to_numpy(), [soft.columns.get_loc(t) for t in truth[scored]])
+
+    before, labels_before = ece(), model.predict(small).to_numpy()
+    hold_out = small[held].copy()
+    hold_out.obs["lab"] = pd.Categorical(truth[held])
+    temperature = model.calibrate(hold_out, cells=small[scored].copy())
+    right = (model.predict(hold_out).astype(str).to_numpy() == truth[held]).sum()
+    confidence = model.predict(small[scored], soft=True).to_numpy().max(1).mean()
+    assert confidence == pytest.approx((right + 1) / (held.sum() + 2), abs=1e-6)  # Laplace's rule
+    assert ece() < 0.5 * before  # measured: 0.41 -> 0.06 (body), 0.27 -> 0.07 (latent)
+    assert (model.predict(small).to_numpy() == labels_before).all()
+    # without cells, the hold-out's own mean confidence is matched
+    model.calibrate(hold_out)
+    assert model.predict(hold_out, soft=True).to_numpy().max(1).mean() == pytest.approx(
+        (right + 1) / (held.sum() + 2), abs=1e-6)
+    assert float(model.prior.calibration_temperature) != temperature
+    # a held-out cell of a type the model has no label for counts, as an error
+    novel = hold_out.copy()  # (in another column: the model's own may not hold new categories)
+    values = truth[held].copy()
+    values[:10] = "novel"
+    novel.obs["other"] = pd.Categorical(values)
+    model.calibrate(novel, labels_key="other", cells=small[scored].copy())
+    right = (model.predict(novel).astype(str).to_numpy()[10:] == truth[held][10:]).sum()
+    assert model.predict(small[scored], soft=True).to_numpy().max(1).mean() == pytest.approx(
+        (right + 1) / (held.sum() + 2), abs=1e-6)
+    with pytest.raises(ValueError, match="method must be one of"):
+        model.calibrate(hold_out, method="ece")
+
+
+def test_confidence_temperature_by_hand():
+    from pyrovae.labels import TEMPERATURE_RANGE, confidence_temperature
+
+    logits = torch.tensor([[2.0, 0.0, 0.0], [0.0, 1.0, 0.0], [3.0, 2.0, -1.0], [0.5, 0.0, 0.4]],
+                          dtype=torch.float64)
+
+    def confidence(t):
+        return (logits / t).softmax(-1).max(-1).values.mean().item()
+
+    for accuracy in (0.45, 0.6, 0.9):
+        t = confidence_temperature(logits, accuracy)
+        assert confidence(t) == pytest.approx(accuracy, abs=1e-9)
+    assert confidence_temperature(logits, 0.6) < confidence_temperature(logits, 0.45)  # monotone
+    # beyond what the range reaches: its ends (confidence 1 needs T -> 0, 1/3 needs T -> inf)
+    assert confidence_temperature(logits, 1.0) == pytest.approx(TEMPERATURE_RANGE[0], rel=1e-6)
+    assert confidence_temperature(logits, 0.2) == pytest.approx(TEMPERATURE_RANGE[1], rel=1e-6)
+
+
+def test_fit_calibration_fraction_matches_the_unlabelled_cells_confidence(small, quick):
+    from pyrovae.labels import hide_labels
+
+    labelled(small, fraction=0.4)
+    model = pyrovae.fit(small, labels_key="lab", unlabeled_category="Unknown",
+                        calibration_fraction=0.5, **quick)
+    _, (training, hidden) = hide_labels(small, "lab", "Unknown", 0.5, 0)  # fit's own draw
+    truth = small.obs["lab"].astype(str).to_numpy()
+    right = (model.predict(small[hidden]).astype(str).to_numpy() == truth[hidden]).sum()
+    unlabelled = truth == "Unknown"
+    confidence = model.predict(small[unlabelled], soft=True).to_numpy().max(1).mean()
+    assert confidence == pytest.approx((right + 1) / (hidden.sum() + 2), abs=1e-6)
+
+
+def test_calibration_benchmark_runs_with_a_tiny_budget(tmp_path):
+    from benchmarks import calibration as bench
+
+    table = bench.main(["--data", "pbmc68k", "--seeds", "0", "--max-epochs", "2", "--cache", str(tmp_path)])
+    assert (tmp_path / "pbmc68k_s0_80.pyrovae").exists()
+    methods = set(table["method"])
+    assert {"q", "q, T by NLL", "r = p(y | E z)", "sqrt(q r)"} <= methods
+    assert table["ece"].between(0, 1).all()
+    # the fitted T's accuracy is q's: a temperature does not change the argmax
+    by = table.set_index("method")
+    assert by.loc["q, T by NLL", "accuracy"] == by.loc["q", "accuracy"]
+    again = bench.main(["--data", "pbmc68k", "--seeds", "0", "--max-epochs", "2", "--cache", str(tmp_path)])
+    pd.testing.assert_frame_equal(again, table)  # the saved fit is reused
