@@ -485,9 +485,7 @@ def calibrate(model: "VAE", adata: "ad.AnnData", *, labels_key: str | None = Non
     known = np.isin(values, prior.labels)
     # labelled with a type the model has no label for: always predicted wrong, so they count
     # (as errors) in the accuracy; the likelihood of "nll" cannot use them
-    unseen = ~known & (values != prior.unlabeled_category)
-    if method == "nll":
-        unseen[:] = False
+    unseen = ~known & (values != prior.unlabeled_category) & (method == "accuracy")
     if known.sum() == 0:
         raise ValueError(f"no cell of adata.obs[{key!r}] has a known label {prior.labels}")
     if known.sum() + unseen.sum() < MIN_CALIBRATION_CELLS:
@@ -500,11 +498,13 @@ def calibrate(model: "VAE", adata: "ad.AnnData", *, labels_key: str | None = Non
     def logits_of(data):
         return torch.as_tensor(model._map(data, lambda enc, x: prior.label_logits(enc, x), 1024)).double()
 
-    logits = logits_of(adata[known])
+    counted = known | unseen
+    counted_logits = logits_of(adata[counted])  # once: the held-out cells' default "cells"
+    logits = counted_logits[torch.as_tensor(known[counted])]
     if method == "accuracy":
-        right, n = int((logits.argmax(-1) == target).sum()), int(known.sum() + unseen.sum())
+        right, n = int((logits.argmax(-1) == target).sum()), int(counted.sum())
         accuracy = (right + 1) / (n + 2)
-        matched = logits_of(adata[known | unseen]) if cells is None else logits_of(cells)
+        matched = counted_logits if cells is None else logits_of(cells)
         temperature = confidence_temperature(matched, accuracy, steps=steps)
     else:
         temperature = nll_temperature(logits, target, steps=steps)
