@@ -23,6 +23,7 @@ import numpy as np
 import scipy.sparse as sp
 
 import pyrovae
+from pyrovae._threads import torch_threads_kept
 
 __all__ = ["BLADDER_PATH", "bladder", "load", "pbmc68k", "present", "simulated"]
 
@@ -54,8 +55,11 @@ def bladder(n_top_genes: int = 2000, path: str | Path | None = None) -> ad.AnnDa
         return None
     adata = ad.read_h5ad(path)
     adata = _counts(adata)
-    sc.pp.filter_genes(adata, min_cells=3)
-    sc.pp.highly_variable_genes(adata, flavor="seurat_v3", n_top_genes=n_top_genes)
+    # the seurat_v3 selection runs numba code that sets torch's thread count to all cores
+    # (pyrovae._threads): without this, every bladder fit after loading ignored --threads
+    with torch_threads_kept():
+        sc.pp.filter_genes(adata, min_cells=3)
+        sc.pp.highly_variable_genes(adata, flavor="seurat_v3", n_top_genes=n_top_genes)
     adata = adata[:, adata.var["highly_variable"].to_numpy()].copy()
     # a cell can lose all its counts to the gene selection; no model can score such a cell
     totals = np.asarray(adata.X.sum(axis=1)).ravel()

@@ -350,3 +350,36 @@ def test_query_benchmark_thinning_keeps_counts_integer_and_smaller():
     thinned = q.X.toarray()
     assert (thinned <= original).all() and np.array_equal(thinned, np.round(thinned))
     assert 0.2 < thinned.sum() / original.sum() < 0.7  # 0.8 * U(0.3, 1) on average 0.52
+
+
+def test_merges_benchmark_replays_the_rule_the_fit_ran(keep_threads, capsys):
+    import pyrovae
+    from benchmarks import data as datasets
+    from benchmarks import merges
+    from benchmarks.mixtures import _split
+
+    table = merges.main(["--data", "simulated:150x30", "--seeds", "0", "--max-epochs", "8",
+                         "--label-key", "cluster"])
+    _, train, _ = _split(datasets.load("simulated:150x30"), "cluster")
+    pyrovae.fit(train, "zinb", prior="gmm", seed=0, max_epochs=8, progress=False)
+    found = train.uns["pyrovae"]["clusters"]
+    # the replay starts from the latent the fit's mixture started from, and merges what it merged
+    assert table["K_before"].iloc[0] == found["n_clusters_leiden"]
+    assert table.loc[table["merged"], "connectivity"].tolist() == pytest.approx(found["merges"])
+    assert table[["sigclust_p", "n_de", "delta_ari"]].notna().all().all()
+    assert table["sigclust_p"].between(0, 1).all() and (table["n_de"] >= 0).all()
+
+
+def test_bladder_loader_leaves_torchs_thread_count_alone(tmp_path, keep_threads):
+    # scanpy's seurat_v3 gene selection runs numba code that set torch to all cores, so every
+    # bladder fit of a benchmark ran with 2 threads whatever --threads said
+    pytest.importorskip("skmisc")
+    import pyrovae
+
+    adata = pyrovae.datasets.simulate(300, 200, 3, seed=0)
+    adata.obs["cell_type"] = adata.obs["cluster"].astype(str)
+    adata.write_h5ad(tmp_path / "bladder.h5ad")
+    torch.set_num_threads(1)
+    loaded = bench_data.bladder(n_top_genes=50, path=tmp_path / "bladder.h5ad")
+    assert loaded.n_vars == 50 and list(loaded.obs.columns) == ["cell_type"]
+    assert torch.get_num_threads() == 1
