@@ -3,6 +3,7 @@ and (``--auto``) the mixture with K chosen from the data against the scanpy work
 
     python benchmarks/mixtures.py [--data pbmc68k bladder] [--seeds 0] [--threads 2]
                                   [--n-clusters K ...] [--init leiden] [--max-epochs N]
+                                  [--modes enumerate ...] [--iwae N]
     python benchmarks/mixtures.py --auto [--modes enumerate gumbel marginal] [--seeds 0 1 2]
                                   [--scvi PYTHON] [--gmm KEY=VALUE ...]
 
@@ -41,7 +42,9 @@ pre-training (the KL warm-up), whose latent means place the K components by ``--
 (the prior's default, Leiden, unless told ``kmeans``).
 
 Reported per contender and K: the ELBO per held-out cell (``model.elbo``: the discrete
-mixture, y summed exactly; the Gumbel model is scored as the discrete model it relaxes),
+mixture, y summed exactly; the Gumbel model is scored as the discrete model it relaxes;
+with ``--iwae N`` also the held-out log-likelihood per cell, ``model.marginal_log_likelihood``
+with N importance samples, the criterion of a sweep over K),
 ARI and NMI of ``argmax q(y|x)`` against the cell types on all cells (for the baseline, of
 KMeans), seconds per epoch of the mixture stage (median), and the Monte Carlo variance of
 the encoder's gradient: the training loss of one fixed minibatch of 128 cells is
@@ -116,7 +119,8 @@ def _reporter(rows: list[dict]):
 
 def run(name: str, adata, seed: int, n_clusters: list[int] | None = None,
         init: str | None = None, max_epochs: int | None = None,
-        label_key: str = "cell_type", options: dict | None = None) -> list[dict]:
+        label_key: str = "cell_type", options: dict | None = None,
+        modes: list[str] | None = None, iwae: int | None = None) -> list[dict]:
     labels, train, test = _split(adata, label_key)
     rows: list[dict] = []
     report = _reporter(rows)
@@ -124,8 +128,11 @@ def run(name: str, adata, seed: int, n_clusters: list[int] | None = None,
     def common(model, fitted, seconds: float) -> dict:
         history = model.history
         stage = history.iloc[int(fitted.uns["pyrovae"]["settings"]["pretrain_epochs"]):]
+        scores = {"held_out_elbo": float(model.elbo(test, n_samples=20)["elbo"].mean())}
+        if iwae:
+            scores["held_out_log_lik"] = float(model.marginal_log_likelihood(test, n_samples=iwae).mean())
         return {
-            "held_out_elbo": float(model.elbo(test, n_samples=20)["elbo"].mean()),
+            **scores,
             "epochs": int(history["epoch"].iloc[-1]),
             "s_per_epoch": float(stage["seconds"].median()),
             "fit_s": seconds,
@@ -140,7 +147,7 @@ def run(name: str, adata, seed: int, n_clusters: list[int] | None = None,
         found = pyrovae.metrics.kmeans_scores(latent, labels, n_clusters=K, seed=seed)
         report({"data": name, "seed": seed, "K": K, "contender": "normal + KMeans", **normal_row,
                 "ari": found["ari"], "nmi": found["nmi"], "grad_rel_var": np.nan})
-        for mode in MODES:
+        for mode in modes or MODES:
             fitted = train.copy()
             given = {**(options or {}), **({} if init is None else {"init": init})}
             start = time.perf_counter()
@@ -265,9 +272,10 @@ def summarize_auto(table: pd.DataFrame) -> pd.DataFrame:
 
 def summarize(table: pd.DataFrame) -> pd.DataFrame:
     """Means over seeds (ARI range too; seconds per epoch as the median) per data, K, contender."""
+    likelihood = {"held_out_log_lik": ("held_out_log_lik", "mean")} if "held_out_log_lik" in table else {}
     return table.groupby(["data", "K", "contender"], sort=False).agg(
-        held_out_elbo=("held_out_elbo", "mean"), ari=("ari", "mean"), ari_min=("ari", "min"),
-        ari_max=("ari", "max"), nmi=("nmi", "mean"),
+        held_out_elbo=("held_out_elbo", "mean"), **likelihood, ari=("ari", "mean"),
+        ari_min=("ari", "min"), ari_max=("ari", "max"), nmi=("nmi", "mean"),
         s_per_epoch=("s_per_epoch", "median"), grad_rel_var=("grad_rel_var", "mean"),
         epochs=("epochs", "mean"), seeds=("seed", "nunique"),
     )
@@ -294,7 +302,11 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
     parser.add_argument("--auto", action="store_true",
                         help="the automatic-K mixture against standard VAE + Leiden")
     parser.add_argument("--modes", nargs="+", choices=MODES, default=MODES,
-                        help="the mixture modes of --auto")
+                        help="the mixture modes to train")
+    parser.add_argument("--iwae", type=int, default=None, metavar="N",
+                        help="without --auto: also the held-out log-likelihood per cell "
+                             "(model.marginal_log_likelihood, N importance samples), for a "
+                             "sweep over --n-clusters")
     parser.add_argument("--rules", nargs="+", choices=K_RULES, default=K_RULES[:1],
                         help="the rules for K of --auto (GaussianMixture(k_rule=...); default: "
                              "the prior's default, merged_leiden)")
@@ -319,7 +331,7 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
                                      args.rules, args.scvi, options, args.threads)
                 else:
                     rows += run(name, adata, seed, args.n_clusters, args.init, args.max_epochs,
-                                args.label_key, options)
+                                args.label_key, options, args.modes, args.iwae)
         table = pd.DataFrame(rows)
         if args.csv:
             table.to_csv(args.csv, index=False)

@@ -255,6 +255,18 @@ def test_mixtures_benchmark_runs(tmp_path, capsys, keep_threads):
     assert len(again) == 16 and "| K | contender | held_out_elbo |" in out
 
 
+def test_mixtures_benchmark_sweeps_k_with_the_held_out_log_likelihood(keep_threads):
+    from benchmarks import mixtures
+
+    table = mixtures.main(["--data", "simulated:150x30", "--n-clusters", "2", "3", "--max-epochs", "4",
+                           "--label-key", "cluster", "--threads", "1", "--modes", "enumerate",
+                           "--iwae", "4"])
+    assert list(table["contender"]) == ["normal + KMeans", "enumerate"] * 2
+    # the importance-weighted bound is at least the ELBO, up to Monte Carlo noise
+    assert (table["held_out_log_lik"] >= table["held_out_elbo"] - 1.0).all()
+    assert "held_out_log_lik" in mixtures.summarize(table).columns
+
+
 
 def test_mixtures_benchmark_automatic_k_against_leiden(tmp_path, capsys, keep_threads):
     from benchmarks import mixtures
