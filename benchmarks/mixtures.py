@@ -317,6 +317,8 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
                         help="GaussianMixture options of --auto's mixtures, e.g. free_nats_y=1.0 "
                              "scale_floor=0.2 (values read as Python literals)")
     args = parser.parse_args(argv)
+    if args.iwae and args.auto:
+        parser.error("--iwae scores the fixed-K sweep; --auto does not use it")
     options = gmm_options(args.gmm)
     auto = args.auto or (args.summarize and "resolution" in pd.read_csv(args.summarize[0]).columns)
     if args.summarize:

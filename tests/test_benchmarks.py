@@ -265,6 +265,8 @@ def test_mixtures_benchmark_sweeps_k_with_the_held_out_log_likelihood(keep_threa
     # the importance-weighted bound is at least the ELBO, up to Monte Carlo noise
     assert (table["held_out_log_lik"] >= table["held_out_elbo"] - 1.0).all()
     assert "held_out_log_lik" in mixtures.summarize(table).columns
+    with pytest.raises(SystemExit):
+        mixtures.main(["--auto", "--iwae", "4"])
 
 
 
