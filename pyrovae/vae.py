@@ -174,10 +174,12 @@ class VAE:
                 x, covariates, batch, _ = data.minibatch(pick, self.device)
                 x = module.guide.encoder_input(x, covariates, batch)
                 latent = self.prior.latent_mean(module.guide.encoder, x)
-        with seeded(self.seed, torch.device("cpu")):  # its networks' initial weights
+        # its networks' initial weights, and those of the components that a mixture with K
+        # from the data builds once it has found K: torch's own seed differs in every process
+        with seeded(self.seed, torch.device("cpu")):
             module.set_prior(new)
-        if latent is not None:
-            new.initialize(latent, x)
+            if latent is not None:
+                new.initialize(latent, x)
         return self
 
     def _labels_prior(self, adata, *, labels_key: str | None = None,
