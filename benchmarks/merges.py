@@ -2,7 +2,8 @@
 (issue 12).
 
     python benchmarks/merges.py [--data pbmc68k bladder] [--seeds 0 1 2] [--threads 1]
-                                [--max-epochs N] [--csv FILE] [--markdown]
+                                [--max-epochs N] [--path] [--converged] [--csv FILE] [--markdown]
+    python benchmarks/merges.py --simulated 3 5 8 [--seeds 0 1 2] [--max-epochs N]
 
 For each data set and seed: the standard-normal pre-training that ``pyrovae.fit(adata,
 prior="gmm")`` runs before its mixture (the training cells of ``benchmarks/mixtures.py``'s
@@ -23,6 +24,22 @@ its PAGA connectivity is >= 0.3), and the first pair it left apart is added. Per
   cell types. Labels only score here: the question is whether any of the label-free
   columns tells the merges that help from those that hurt.
 
+``--path`` goes on merging the most connected pair past the threshold, down to two clusters
+(or until no two clusters share an edge), and adds, for the partition after each merge, its
+ARI and three label-free internal criteria on the latent means: the silhouette, the
+Calinski-Harabasz index and the Davies-Bouldin index (``sklearn.metrics``), so that a rule
+"stop where the criterion is best along the path" can be read against the labels. It then
+prints, per seed and as means, the K and ARI where the rule stops and where each criterion
+is best along the path (``path_choices``). ``--converged`` clusters the latent of a standard
+VAE trained to early stopping (``pyrovae.fit(prior="normal")``, same seed and cells) instead
+of the 50-epoch pre-training.
+
+``--simulated K ...`` instead prints, for the simulated clusters of
+``tests/test_clusters.py`` and each seed, the interval of merge thresholds for which the
+rule stops at the true K on the latent the mixture starts from (``threshold_interval``);
+``--max-epochs 60`` is the test's fit (30 epochs of pre-training), the default (50) what
+``pyrovae.fit`` runs.
+
 Results in ``../docs/mixtures.md``. 1 thread: pbmc68k about 10 s a seed, bladder about 1.5 min.
 """
 
@@ -37,7 +54,12 @@ import numpy as np
 import pandas as pd
 import torch
 from sklearn.cluster import KMeans
-from sklearn.metrics import adjusted_rand_score
+from sklearn.metrics import (
+    adjusted_rand_score,
+    calinski_harabasz_score,
+    davies_bouldin_score,
+    silhouette_score,
+)
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -71,6 +93,21 @@ def pretrained_latent(train, seed: int, max_epochs: int | None = None) -> np.nda
     except _Started as started:
         return started.args[0]
     raise RuntimeError("the fit never started its mixture")
+
+
+def converged_latent(train, seed: int) -> np.ndarray:
+    """The latent means of ``train`` under a standard VAE trained to early stopping."""
+    fitted = train.copy()
+    pyrovae.fit(fitted, "zinb", prior="normal", seed=seed, progress=False)
+    return np.asarray(fitted.obsm["X_pyrovae"], dtype=np.float64)
+
+
+def internal_criteria(points: np.ndarray, clusters: np.ndarray) -> dict[str, float]:
+    """Label-free scores of a partition: silhouette and Calinski-Harabasz (higher: better
+    separated), Davies-Bouldin (lower: better separated)."""
+    return {"silhouette": float(silhouette_score(points, clusters)),
+            "calinski_harabasz": float(calinski_harabasz_score(points, clusters)),
+            "davies_bouldin": float(davies_bouldin_score(points, clusters))}
 
 
 def cluster_index(points: np.ndarray) -> float:
@@ -115,13 +152,27 @@ def n_de(normalised, a: np.ndarray, b: np.ndarray) -> int:
     return int(((table["pvals_adj"] < 0.01) & (table["logfoldchanges"].abs() > 1)).sum())
 
 
+def most_connected(graph, clusters: np.ndarray) -> tuple[int, int, float] | None:
+    """The pair of clusters ``merged_leiden`` would merge next and its PAGA connectivity, or
+    None when no two clusters share an edge."""
+    ratio = _cluster_connectivity(graph, clusters)
+    i, j = np.unravel_index(ratio.argmax(), ratio.shape)
+    return None if i == j or not ratio[i, j] > 0 else (int(i), int(j), float(ratio[i, j]))
+
+
+def joined(clusters: np.ndarray, i: int, j: int) -> np.ndarray:
+    """``clusters`` with cluster ``j`` merged into ``i``, renumbered ``0..K-2``."""
+    return np.unique(np.where(clusters == j, i, clusters), return_inverse=True)[1]
+
+
 def replay(name: str, adata, seed: int, label_key: str = "cell_type",
-           max_epochs: int | None = None, threshold: float = 0.3) -> list[dict]:
+           max_epochs: int | None = None, threshold: float = 0.3, *, path: bool = False,
+           converged: bool = False) -> list[dict]:
     import scanpy as sc
 
     _, train, _ = _split(adata, label_key)
     labels = train.obs[label_key].astype(str).to_numpy()
-    points = pretrained_latent(train, seed, max_epochs)
+    points = converged_latent(train, seed) if converged else pretrained_latent(train, seed, max_epochs)
     normalised = train.copy()
     with torch_threads_kept():  # numba kernels reset it too (pyrovae._threads)
         sc.pp.normalize_total(normalised, target_sum=1e4)
@@ -129,25 +180,91 @@ def replay(name: str, adata, seed: int, label_key: str = "cell_type",
     graph = knn_connectivities(points, 15)
     clusters = _leiden(graph, 1.0, 0)
     rng = np.random.default_rng(seed)
-    rows, step = [], 0
-    while clusters.max() > 0:
-        ratio = _cluster_connectivity(graph, clusters)
-        i, j = np.unravel_index(ratio.argmax(), ratio.shape)
-        merged = np.unique(np.where(clusters == j, i, clusters), return_inverse=True)[1]
+    rows, step, stopped = [], 0, False
+    while clusters.max() > 0 and (pair := most_connected(graph, clusters)) is not None:
+        i, j, connectivity = pair
+        merged = joined(clusters, i, j)
         a, b = clusters == i, clusters == j
         step += 1
-        rows.append({"data": name, "seed": seed, "step": step, "merged": bool(ratio[i, j] >= threshold),
-                     "K_before": int(clusters.max()) + 1, "connectivity": float(ratio[i, j]),
+        stopped = stopped or not connectivity >= threshold  # the rule merges until the first miss
+        rows.append({"data": name, "seed": seed, "step": step, "merged": not stopped,
+                     "K_before": int(clusters.max()) + 1, "connectivity": connectivity,
                      "size_a": int(a.sum()), "size_b": int(b.sum()),
                      "sigclust_p": sigclust(points[a | b], rng), "dip_p": dip(points, a, b),
                      "n_de": n_de(normalised, a, b),
                      "delta_ari": adjusted_rand_score(labels, merged) - adjusted_rand_score(labels, clusters)})
+        if path:
+            rows[-1]["latent"] = "converged" if converged else "pre-training"
+            rows[-1]["ari"] = adjusted_rand_score(labels, merged)
+            if merged.max() > 0:
+                rows[-1].update(internal_criteria(points, merged))
         print(", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}"
                         for k, v in rows[-1].items()), flush=True)
-        if ratio[i, j] < threshold:  # the first pair the rule left apart
+        if stopped and not path:  # the first pair the rule left apart
             break
         clusters = merged
     return rows
+
+
+def threshold_interval(points: np.ndarray, k: int) -> dict:
+    """The merge thresholds ``t`` for which :func:`pyrovae.priors.merged_leiden` on
+    ``points`` stops at ``k`` clusters: ``(next, lowest]``, where ``lowest`` is the
+    smallest connectivity among the merges from Leiden's partition down to ``k`` clusters
+    (``inf`` when Leiden finds ``k`` itself) and ``next`` the connectivity of the pair it
+    would merge after that. Empty (``next >= lowest``) or ``reached=False`` when no
+    threshold gives ``k``."""
+    graph = knn_connectivities(points, 15)
+    clusters = _leiden(graph, 1.0, 0)
+    first, merges = int(clusters.max()) + 1, []
+    while clusters.max() + 1 > k and (pair := most_connected(graph, clusters)) is not None:
+        merges.append(pair[2])
+        clusters = joined(clusters, pair[0], pair[1])
+    after = most_connected(graph, clusters) if clusters.max() > 0 else None
+    return {"K_leiden": first, "reached": bool(clusters.max() + 1 == k), "merges": merges,
+            "next": after[2] if after else 0.0, "lowest": min(merges, default=float("inf"))}
+
+
+def simulated_intervals(ks: list[int], seeds: list[int], max_epochs: int | None) -> pd.DataFrame:
+    """``threshold_interval`` on the latent the mixture starts from, for the simulated
+    clusters of ``tests/test_clusters.py`` (``simulate(100 k + 300, 200, k, separation=3)``,
+    genes in >= 3 cells), each K and seed."""
+    import scanpy as sc
+
+    rows = []
+    for k in ks:
+        adata = pyrovae.datasets.simulate(100 * k + 300, 200, k, likelihood="zinb", separation=3.0, seed=k)
+        sc.pp.filter_genes(adata, min_cells=3)
+        for seed in seeds:
+            found = threshold_interval(pretrained_latent(adata, seed, max_epochs), k)
+            rows.append({"K": k, "seed": seed, "max_epochs": max_epochs, "K_leiden": found["K_leiden"],
+                         "reached": found["reached"], "merges": " ".join(f"{c:.2f}" for c in found["merges"]),
+                         "threshold_above": found["next"], "threshold_at_most": found["lowest"]})
+            print(", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}"
+                            for k, v in rows[-1].items()), flush=True)
+    return pd.DataFrame(rows)
+
+
+CRITERIA = {"silhouette": "max", "calinski_harabasz": "max", "davies_bouldin": "min"}
+
+
+def path_choices(table: pd.DataFrame) -> pd.DataFrame:
+    """Per data set, latent and seed: the K and ARI of the rule (the partition after its last
+    merge) and of "the partition along the path where each internal criterion is best"
+    (among the partitions after each merge, down to 2 clusters)."""
+    rows = []
+    for (name, latent, seed), steps in table.groupby(["data", "latent", "seed"], sort=False):
+        steps = steps.dropna(subset=list(CRITERIA))
+        merged = steps[steps["merged"]]
+        rule = merged.iloc[-1] if len(merged) else None
+        row = {"data": name, "latent": latent, "seed": seed,
+               "rule_K": int(rule["K_before"]) - 1 if rule is not None else int(steps["K_before"].iloc[0]),
+               "rule_ari": float(rule["ari"]) if rule is not None
+               else float(steps["ari"].iloc[0] - steps["delta_ari"].iloc[0])}
+        for criterion, best in CRITERIA.items():
+            pick = steps.loc[steps[criterion].idxmax() if best == "max" else steps[criterion].idxmin()]
+            row[f"{criterion}_K"], row[f"{criterion}_ari"] = int(pick["K_before"]) - 1, float(pick["ari"])
+        rows.append(row)
+    return pd.DataFrame(rows)
 
 
 def main(argv: list[str] | None = None) -> pd.DataFrame:
@@ -158,19 +275,38 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
     parser.add_argument("--label-key", default="cell_type", help="obs column of the known labels")
     parser.add_argument("--max-epochs", type=int, default=None,
                         help="the fit's max_epochs, of which the pre-training is min(50, half)")
+    parser.add_argument("--path", action="store_true",
+                        help="merge past the threshold down to 2 clusters, with internal criteria")
+    parser.add_argument("--converged", action="store_true",
+                        help="cluster a standard VAE trained to early stopping, not the pre-training")
+    parser.add_argument("--simulated", type=int, nargs="+", default=None, metavar="K",
+                        help="instead: the thresholds that find K on the test's simulated clusters")
     parser.add_argument("--csv", default=None, help="also write the rows here")
     parser.add_argument("--markdown", action="store_true", help="print the rows as a GitHub table")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
+    if args.simulated:
+        table = simulated_intervals(args.simulated, args.seeds, args.max_epochs)
+        if args.csv:
+            table.to_csv(args.csv, index=False)
+        if args.markdown:
+            print(markdown(table, digits=3))
+        return table
     rows = []
     for name, adata in datasets.present(args.data):
         for seed in args.seeds:
-            rows += replay(name, adata, seed, args.label_key, args.max_epochs)
+            rows += replay(name, adata, seed, args.label_key, args.max_epochs,
+                           path=args.path, converged=args.converged)
     table = pd.DataFrame(rows)
     if args.csv:
         table.to_csv(args.csv, index=False)
     if args.markdown:
         print(markdown(table, digits=3))
+    if args.path:
+        choices = path_choices(table)
+        means = choices.groupby(["data", "latent"], sort=False).mean(numeric_only=True).reset_index()
+        print("\nK and ARI where the rule stops and where each criterion is best along the path")
+        print(markdown(pd.concat([choices, means.assign(seed="mean")]), digits=3))
     return table
 
 

@@ -46,7 +46,9 @@ mixture, y summed exactly; the Gumbel model is scored as the discrete model it r
 with ``--iwae N`` also the held-out log-likelihood per cell, ``model.marginal_log_likelihood``
 with N importance samples, the criterion of a sweep over K),
 ARI and NMI of ``argmax q(y|x)`` against the cell types on all cells (for the baseline, of
-KMeans), seconds per epoch of the mixture stage (median), and the Monte Carlo variance of
+KMeans), ``K_used``: how many of the K components are some cell's ``argmax q(y|x)`` (a
+component no cell uses is what pruning removes; ``--n-clusters 30`` asks whether an
+over-complete mixture empties components by itself), seconds per epoch of the mixture stage (median), and the Monte Carlo variance of
 the encoder's gradient: the training loss of one fixed minibatch of 128 cells is
 differentiated 64 times with fresh random draws (dropout and batch norm in evaluation mode,
 so only the estimator's own randomness varies), and the summed per-parameter variance is
@@ -159,6 +161,7 @@ def run(name: str, adata, seed: int, n_clusters: list[int] | None = None,
                     **common(model, fitted, seconds),
                     "ari": adjusted_rand_score(labels, clusters),
                     "nmi": normalized_mutual_info_score(labels, clusters),
+                    "K_used": int(len(np.unique(clusters))),
                     "grad_rel_var": gradient_variance(model, train, seed=seed)})
     return rows
 

@@ -249,6 +249,9 @@ def test_mixtures_benchmark_runs(tmp_path, capsys, keep_threads):
     assert list(table["contender"][:4]) == ["normal + KMeans"] + mixtures.MODES
     assert table[["held_out_elbo", "ari", "nmi"]].notna().all().all()
     assert table["grad_rel_var"].isna().sum() == 2  # the baseline has no mixture gradient
+    mixture = table[table["contender"] != "normal + KMeans"]
+    assert mixture["K_used"].between(1, mixture["K"]).all()  # components some cell's argmax uses
+    assert table.loc[table["contender"] == "normal + KMeans", "K_used"].isna().all()
     capsys.readouterr()
     again = mixtures.main(["--summarize", str(csv), str(csv), "--markdown"])
     out = capsys.readouterr().out
@@ -382,6 +385,52 @@ def test_merges_benchmark_replays_the_rule_the_fit_ran(keep_threads, capsys):
     assert table.loc[table["merged"], "connectivity"].tolist() == pytest.approx(found["merges"])
     assert table[["sigclust_p", "n_de", "delta_ari"]].notna().all().all()
     assert table["sigclust_p"].between(0, 1).all() and (table["n_de"] >= 0).all()
+
+
+def test_merges_benchmark_path_goes_past_the_threshold_with_internal_criteria(keep_threads, capsys):
+    from benchmarks import merges
+
+    rule = merges.main(["--data", "simulated:150x30", "--seeds", "0", "--max-epochs", "8",
+                        "--label-key", "cluster"])
+    path = merges.main(["--data", "simulated:150x30", "--seeds", "0", "--max-epochs", "8",
+                        "--label-key", "cluster", "--path"])
+    # the same replay up to the rule's stop, then on towards two clusters
+    assert len(path) > len(rule)
+    assert path["connectivity"].iloc[:len(rule)].tolist() == pytest.approx(rule["connectivity"].tolist())
+    assert path["merged"].tolist()[:len(rule)] == rule["merged"].tolist()
+    assert not path["merged"].iloc[len(rule):].any()  # the rule merges nothing after its first miss
+    # each merge takes one cluster away and the criteria describe the partition after it
+    assert (np.diff(path["K_before"]) == -1).all()
+    after = path[path["K_before"] > 2]
+    assert after[["silhouette", "calinski_harabasz", "davies_bouldin"]].notna().all().all()
+    assert after["silhouette"].between(-1, 1).all() and (after["davies_bouldin"] > 0).all()
+    # the ARI after each merge is the ARI before plus its change
+    assert path["ari"].iloc[1:].to_numpy() - path["ari"].iloc[:-1].to_numpy() == \
+        pytest.approx(path["delta_ari"].iloc[1:].to_numpy(), abs=1e-9)
+    assert (path["latent"] == "pre-training").all()
+    # where the rule stops and where each criterion is best, read off the same rows
+    choice = merges.path_choices(path).iloc[0]
+    assert choice["rule_K"] == path["K_before"].iloc[0] - path["merged"].sum()
+    best = after.loc[after["davies_bouldin"].idxmin()]
+    assert (choice["davies_bouldin_K"], choice["davies_bouldin_ari"]) == (best["K_before"] - 1, best["ari"])
+
+
+def test_threshold_interval_is_where_the_rule_finds_k():
+    from benchmarks import merges
+    from pyrovae.priors import merged_leiden
+
+    rng = np.random.default_rng(0)
+    points = np.concatenate([rng.normal(c, 1.0, size=(300, 5)) for c in (-10, 0, 10)])
+    found = merges.threshold_interval(points, 3)
+    assert found["reached"] and found["K_leiden"] > 3 and len(found["merges"]) == found["K_leiden"] - 3
+    low, high = found["next"], found["lowest"]
+    assert low < high
+    # inside the interval the rule stops at 3; above it it merges too little, at its floor too much
+    assert merged_leiden(points, threshold=(low + high) / 2)[0].max() + 1 == 3
+    assert merged_leiden(points, threshold=high + 1e-6)[0].max() + 1 > 3
+    assert merged_leiden(points, threshold=high)[0].max() + 1 == 3
+    if low > 0:
+        assert merged_leiden(points, threshold=low)[0].max() + 1 < 3
 
 
 def test_bladder_loader_leaves_torchs_thread_count_alone(tmp_path, keep_threads):
