@@ -239,8 +239,8 @@ def simulated_intervals(ks: list[int], seeds: list[int], max_epochs: int | None)
             rows.append({"K": k, "seed": seed, "max_epochs": max_epochs, "K_leiden": found["K_leiden"],
                          "reached": found["reached"], "merges": " ".join(f"{c:.2f}" for c in found["merges"]),
                          "threshold_above": found["next"], "threshold_at_most": found["lowest"]})
-            print(", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}"
-                            for k, v in rows[-1].items()), flush=True)
+            print(", ".join(f"{key}={v:.3g}" if isinstance(v, float) else f"{key}={v}"
+                            for key, v in rows[-1].items()), flush=True)
     return pd.DataFrame(rows)
 
 

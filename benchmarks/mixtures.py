@@ -48,8 +48,8 @@ with N importance samples, the criterion of a sweep over K),
 ARI and NMI of ``argmax q(y|x)`` against the cell types on all cells (for the baseline, of
 KMeans), ``K_used``: how many of the K components are some cell's ``argmax q(y|x)`` (a
 component no cell uses is what pruning removes; ``--n-clusters 30`` asks whether an
-over-complete mixture empties components by itself), seconds per epoch of the mixture stage (median), and the Monte Carlo variance of
-the encoder's gradient: the training loss of one fixed minibatch of 128 cells is
+over-complete mixture empties components by itself), seconds per epoch of the mixture
+stage (median), and the Monte Carlo variance of the encoder's gradient: the training loss of one fixed minibatch of 128 cells is
 differentiated 64 times with fresh random draws (dropout and batch norm in evaluation mode,
 so only the estimator's own randomness varies), and the summed per-parameter variance is
 reported relative to the squared norm of the mean gradient.
