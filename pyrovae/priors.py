@@ -748,6 +748,20 @@ def _cluster_connectivity(graph, labels: np.ndarray) -> np.ndarray:
     return ratio
 
 
+def _most_connected(graph, labels: np.ndarray) -> tuple[int, int, float] | None:
+    """The pair of clusters with the highest :func:`_cluster_connectivity` and that
+    connectivity, or None when no two clusters share an edge (the diagonal is zero, so a
+    positive maximum is always a pair of two clusters)."""
+    ratio = _cluster_connectivity(graph, labels)
+    i, j = np.unravel_index(ratio.argmax(), ratio.shape)
+    return (int(i), int(j), float(ratio[i, j])) if ratio[i, j] > 0 else None
+
+
+def _joined(labels: np.ndarray, i: int, j: int) -> np.ndarray:
+    """``labels`` with cluster ``j`` merged into ``i``, renumbered ``0..K-2``."""
+    return np.unique(np.where(labels == j, i, labels), return_inverse=True)[1]
+
+
 def merged_leiden(
     points: np.ndarray,
     *,
@@ -803,12 +817,13 @@ def merged_leiden(
     labels = _leiden(graph, resolution, seed)
     first, merges = int(labels.max()) + 1, []
     while labels.max() > 0:
-        ratio = _cluster_connectivity(graph, labels)
-        i, j = np.unravel_index(ratio.argmax(), ratio.shape)
-        if not ratio[i, j] >= threshold:
+        # stop too when no two clusters share an edge: with threshold <= 0 the loop would
+        # otherwise "merge" a cluster with itself for ever on a disconnected kNN graph
+        pair = _most_connected(graph, labels)
+        if pair is None or not pair[2] >= threshold:
             break
-        merges.append(float(ratio[i, j]))
-        labels = np.unique(np.where(labels == j, i, labels), return_inverse=True)[1]
+        merges.append(pair[2])
+        labels = _joined(labels, pair[0], pair[1])
     if labels.max() < 1:  # everything joined: split it in two
         labels = kmeans_labels(points, 2)
     return labels, {"resolution": float(resolution), "threshold": float(threshold),

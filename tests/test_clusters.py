@@ -177,6 +177,20 @@ def test_merged_leiden_joins_what_modularity_cut_and_keeps_separate_clusters_apa
     assert adjusted_rand_score(truth, labels) == 1.0
 
 
+def test_merged_leiden_with_threshold_zero_stops_at_the_graphs_components():
+    # a threshold of 0 merges every pair that shares an edge; once none does, the loop used
+    # to "merge" a cluster with itself for ever (three blobs too far apart for any kNN edge)
+    from sklearn.metrics import adjusted_rand_score
+
+    from pyrovae.priors import merged_leiden
+
+    rng = np.random.default_rng(0)
+    points = np.concatenate([rng.normal(c, 1.0, size=(300, 5)) for c in (-100, 0, 100)])
+    labels, search = merged_leiden(points, threshold=0.0)
+    assert labels.max() + 1 == 3 and len(search["merges"]) == search["n_clusters_leiden"] - 3
+    assert adjusted_rand_score(np.repeat(np.arange(3), 300), labels) == 1.0
+
+
 def test_k_rules_are_recorded_and_checked():
     import pyrovae
 
