@@ -65,13 +65,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import pyrovae  # noqa: E402
 from benchmarks import data as datasets  # noqa: E402
-from benchmarks.mixtures import _split  # noqa: E402
+from benchmarks.mixtures import _reporter, _split  # noqa: E402
 from benchmarks.tables import markdown  # noqa: E402
 from pyrovae._threads import torch_threads_kept  # noqa: E402
 from pyrovae.priors import (  # noqa: E402
     GaussianMixture,
-    _cluster_connectivity,
+    _joined,
     _leiden,
+    _most_connected,
     knn_connectivities,
 )
 
@@ -152,19 +153,6 @@ def n_de(normalised, a: np.ndarray, b: np.ndarray) -> int:
     return int(((table["pvals_adj"] < 0.01) & (table["logfoldchanges"].abs() > 1)).sum())
 
 
-def most_connected(graph, clusters: np.ndarray) -> tuple[int, int, float] | None:
-    """The pair of clusters ``merged_leiden`` would merge next and its PAGA connectivity, or
-    None when no two clusters share an edge."""
-    ratio = _cluster_connectivity(graph, clusters)
-    i, j = np.unravel_index(ratio.argmax(), ratio.shape)
-    return None if i == j or not ratio[i, j] > 0 else (int(i), int(j), float(ratio[i, j]))
-
-
-def joined(clusters: np.ndarray, i: int, j: int) -> np.ndarray:
-    """``clusters`` with cluster ``j`` merged into ``i``, renumbered ``0..K-2``."""
-    return np.unique(np.where(clusters == j, i, clusters), return_inverse=True)[1]
-
-
 def replay(name: str, adata, seed: int, label_key: str = "cell_type",
            max_epochs: int | None = None, threshold: float = 0.3, *, path: bool = False,
            converged: bool = False) -> list[dict]:
@@ -180,29 +168,30 @@ def replay(name: str, adata, seed: int, label_key: str = "cell_type",
     graph = knn_connectivities(points, 15)
     clusters = _leiden(graph, 1.0, 0)
     rng = np.random.default_rng(seed)
-    rows, step, stopped = [], 0, False
-    while clusters.max() > 0 and (pair := most_connected(graph, clusters)) is not None:
+    rows: list[dict] = []
+    report = _reporter(rows, digits=3)
+    step, stopped, ari = 0, False, adjusted_rand_score(labels, clusters)
+    while clusters.max() > 0 and (pair := _most_connected(graph, clusters)) is not None:
         i, j, connectivity = pair
-        merged = joined(clusters, i, j)
+        merged = _joined(clusters, i, j)
+        merged_ari = adjusted_rand_score(labels, merged)
         a, b = clusters == i, clusters == j
         step += 1
         stopped = stopped or not connectivity >= threshold  # the rule merges until the first miss
-        rows.append({"data": name, "seed": seed, "step": step, "merged": not stopped,
-                     "K_before": int(clusters.max()) + 1, "connectivity": connectivity,
-                     "size_a": int(a.sum()), "size_b": int(b.sum()),
-                     "sigclust_p": sigclust(points[a | b], rng), "dip_p": dip(points, a, b),
-                     "n_de": n_de(normalised, a, b),
-                     "delta_ari": adjusted_rand_score(labels, merged) - adjusted_rand_score(labels, clusters)})
+        row = {"data": name, "seed": seed, "step": step, "merged": not stopped,
+               "K_before": int(clusters.max()) + 1, "connectivity": connectivity,
+               "size_a": int(a.sum()), "size_b": int(b.sum()),
+               "sigclust_p": sigclust(points[a | b], rng), "dip_p": dip(points, a, b),
+               "n_de": n_de(normalised, a, b), "delta_ari": merged_ari - ari}
         if path:
-            rows[-1]["latent"] = "converged" if converged else "pre-training"
-            rows[-1]["ari"] = adjusted_rand_score(labels, merged)
+            row["latent"] = "converged" if converged else "pre-training"
+            row["ari"] = merged_ari
             if merged.max() > 0:
-                rows[-1].update(internal_criteria(points, merged))
-        print(", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}"
-                        for k, v in rows[-1].items()), flush=True)
+                row.update(internal_criteria(points, merged))
+        report(row)
         if stopped and not path:  # the first pair the rule left apart
             break
-        clusters = merged
+        clusters, ari = merged, merged_ari
     return rows
 
 
@@ -216,10 +205,10 @@ def threshold_interval(points: np.ndarray, k: int) -> dict:
     graph = knn_connectivities(points, 15)
     clusters = _leiden(graph, 1.0, 0)
     first, merges = int(clusters.max()) + 1, []
-    while clusters.max() + 1 > k and (pair := most_connected(graph, clusters)) is not None:
+    while clusters.max() + 1 > k and (pair := _most_connected(graph, clusters)) is not None:
         merges.append(pair[2])
-        clusters = joined(clusters, pair[0], pair[1])
-    after = most_connected(graph, clusters) if clusters.max() > 0 else None
+        clusters = _joined(clusters, pair[0], pair[1])
+    after = _most_connected(graph, clusters) if clusters.max() > 0 else None
     return {"K_leiden": first, "reached": bool(clusters.max() + 1 == k), "merges": merges,
             "next": after[2] if after else 0.0, "lowest": min(merges, default=float("inf"))}
 
@@ -230,17 +219,16 @@ def simulated_intervals(ks: list[int], seeds: list[int], max_epochs: int | None)
     genes in >= 3 cells), each K and seed."""
     import scanpy as sc
 
-    rows = []
+    rows: list[dict] = []
+    report = _reporter(rows, digits=3)
     for k in ks:
         adata = pyrovae.datasets.simulate(100 * k + 300, 200, k, likelihood="zinb", separation=3.0, seed=k)
         sc.pp.filter_genes(adata, min_cells=3)
         for seed in seeds:
             found = threshold_interval(pretrained_latent(adata, seed, max_epochs), k)
-            rows.append({"K": k, "seed": seed, "max_epochs": max_epochs, "K_leiden": found["K_leiden"],
-                         "reached": found["reached"], "merges": " ".join(f"{c:.2f}" for c in found["merges"]),
-                         "threshold_above": found["next"], "threshold_at_most": found["lowest"]})
-            print(", ".join(f"{key}={v:.3g}" if isinstance(v, float) else f"{key}={v}"
-                            for key, v in rows[-1].items()), flush=True)
+            report({"K": k, "seed": seed, "max_epochs": max_epochs, "K_leiden": found["K_leiden"],
+                    "reached": found["reached"], "merges": " ".join(f"{c:.2f}" for c in found["merges"]),
+                    "threshold_above": found["next"], "threshold_at_most": found["lowest"]})
     return pd.DataFrame(rows)
 
 
@@ -287,22 +275,18 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
     torch.set_num_threads(args.threads)
     if args.simulated:
         table = simulated_intervals(args.simulated, args.seeds, args.max_epochs)
-        if args.csv:
-            table.to_csv(args.csv, index=False)
-        if args.markdown:
-            print(markdown(table, digits=3))
-        return table
-    rows = []
-    for name, adata in datasets.present(args.data):
-        for seed in args.seeds:
-            rows += replay(name, adata, seed, args.label_key, args.max_epochs,
-                           path=args.path, converged=args.converged)
-    table = pd.DataFrame(rows)
+    else:
+        rows = []
+        for name, adata in datasets.present(args.data):
+            for seed in args.seeds:
+                rows += replay(name, adata, seed, args.label_key, args.max_epochs,
+                               path=args.path, converged=args.converged)
+        table = pd.DataFrame(rows)
     if args.csv:
         table.to_csv(args.csv, index=False)
     if args.markdown:
         print(markdown(table, digits=3))
-    if args.path:
+    if args.path and not args.simulated:
         choices = path_choices(table)
         means = choices.groupby(["data", "latent"], sort=False).mean(numeric_only=True).reset_index()
         print("\nK and ARI where the rule stops and where each criterion is best along the path")

@@ -49,8 +49,8 @@ ARI and NMI of ``argmax q(y|x)`` against the cell types on all cells (for the ba
 KMeans), ``K_used``: how many of the K components are some cell's ``argmax q(y|x)`` (a
 component no cell uses is what pruning removes; ``--n-clusters 30`` asks whether an
 over-complete mixture empties components by itself), seconds per epoch of the mixture
-stage (median), and the Monte Carlo variance of the encoder's gradient: the training loss of one fixed minibatch of 128 cells is
-differentiated 64 times with fresh random draws (dropout and batch norm in evaluation mode,
+stage (median), and the Monte Carlo variance of the encoder's gradient: the training loss
+of one fixed minibatch of 128 cells is differentiated 64 times with fresh random draws (dropout and batch norm in evaluation mode,
 so only the estimator's own randomness varies), and the summed per-parameter variance is
 reported relative to the squared norm of the mean gradient.
 """
@@ -110,11 +110,12 @@ def _split(adata, label_key: str):
     return labels, adata[np.sort(perm[n_test:])].copy(), adata[np.sort(perm[:n_test])].copy()
 
 
-def _reporter(rows: list[dict]):
-    """A function that keeps a result row and prints it at once."""
+def _reporter(rows: list[dict], digits: int = 4):
+    """A function that keeps a result row and prints it at once (floats to ``digits``
+    significant digits)."""
     def report(row: dict) -> None:
         rows.append(row)
-        print(", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+        print(", ".join(f"{k}={v:.{digits}g}" if isinstance(v, float) else f"{k}={v}"
                         for k, v in row.items()), flush=True)
     return report
 
