@@ -4,6 +4,7 @@
     python benchmarks/merges.py [--data pbmc68k bladder] [--seeds 0 1 2] [--threads 1]
                                 [--max-epochs N] [--path] [--converged] [--csv FILE] [--markdown]
     python benchmarks/merges.py --simulated 3 5 8 [--seeds 0 1 2] [--max-epochs N]
+    python benchmarks/merges.py --fixed-k 8 10 12 16 20 [--data ...] [--seeds 0 1 2]
 
 For each data set and seed: the standard-normal pre-training that ``pyrovae.fit(adata,
 prior="gmm")`` runs before its mixture (the training cells of ``benchmarks/mixtures.py``'s
@@ -40,6 +41,13 @@ rule stops at the true K on the latent the mixture starts from (``threshold_inte
 ``--max-epochs 60`` is the test's fit (30 epochs of pre-training), the default (50) what
 ``pyrovae.fit`` runs.
 
+``--fixed-k K ...`` instead scores, on the same latent, the partitions a mixture with
+``n_clusters=K`` could start from (``fixed_k_starts``): ``leiden_labels`` (the package's,
+which sub-clusters Leiden's clusters at resolution 1.0 when K is above their number), Leiden
+on the whole graph at a resolution searched for K (``global``: the package's rule before),
+and the automatic partition of ``merged_leiden`` sub-clustered or merged to K
+(``automatic, refined``).
+
 Results in ``../docs/mixtures.md``. 1 thread: pbmc68k about 10 s a seed, bladder about 1.5 min.
 """
 
@@ -70,10 +78,14 @@ from benchmarks.tables import markdown  # noqa: E402
 from pyrovae._threads import torch_threads_kept  # noqa: E402
 from pyrovae.priors import (  # noqa: E402
     GaussianMixture,
+    _bisect,
     _joined,
     _leiden,
     _most_connected,
+    _subclustered,
     knn_connectivities,
+    leiden_labels,
+    merged_leiden,
 )
 
 
@@ -232,6 +244,38 @@ def simulated_intervals(ks: list[int], seeds: list[int], max_epochs: int | None)
     return pd.DataFrame(rows)
 
 
+def fixed_k_starts(name: str, adata, seed: int, ks: list[int], label_key: str = "cell_type",
+                   max_epochs: int | None = None) -> list[dict]:
+    """ARI / NMI of the start partitions with K clusters (see the module's docstring) on the
+    latent the mixture starts from, and the K each found (the two variants without the
+    package's final adjustment to exactly K)."""
+    from sklearn.metrics import normalized_mutual_info_score
+
+    _, train, _ = _split(adata, label_key)
+    labels = train.obs[label_key].astype(str).to_numpy()
+    points = pretrained_latent(train, seed, max_epochs)
+    graph = knn_connectivities(points, 15)
+    reference = int(_leiden(graph, 1.0, 0).max()) + 1
+    automatic = merged_leiden(points)[0]
+    rows: list[dict] = []
+    report = _reporter(rows, digits=3)
+    for k in ks:
+        refined = automatic
+        while refined.max() + 1 > k and (pair := _most_connected(graph, refined)) is not None:
+            refined = _joined(refined, pair[0], pair[1])
+        if refined.max() + 1 < k:
+            refined = _bisect(lambda r: _subclustered(graph, automatic, r), k)
+        starts = {"leiden_labels": leiden_labels(points, k),
+                  "global": _bisect(lambda r: _leiden(graph, r, 0), k),
+                  "automatic, refined": refined}
+        for method, found in starts.items():
+            report({"data": name, "seed": seed, "K": k, "K_leiden_1": reference,
+                    "K_automatic": int(automatic.max()) + 1, "start": method,
+                    "K_found": int(found.max()) + 1, "ari": adjusted_rand_score(labels, found),
+                    "nmi": normalized_mutual_info_score(labels, found)})
+    return rows
+
+
 CRITERIA = {"silhouette": "max", "calinski_harabasz": "max", "davies_bouldin": "min"}
 
 
@@ -269,12 +313,21 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
                         help="cluster a standard VAE trained to early stopping, not the pre-training")
     parser.add_argument("--simulated", type=int, nargs="+", default=None, metavar="K",
                         help="instead: the thresholds that find K on the test's simulated clusters")
+    parser.add_argument("--fixed-k", type=int, nargs="+", default=None, metavar="K",
+                        help="instead: the start partitions of a mixture with n_clusters=K")
     parser.add_argument("--csv", default=None, help="also write the rows here")
     parser.add_argument("--markdown", action="store_true", help="print the rows as a GitHub table")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     if args.simulated:
         table = simulated_intervals(args.simulated, args.seeds, args.max_epochs)
+    elif args.fixed_k:
+        table = pd.DataFrame([row for name, adata in datasets.present(args.data)
+                              for seed in args.seeds
+                              for row in fixed_k_starts(name, adata, seed, args.fixed_k,
+                                                        args.label_key, args.max_epochs)])
+        means = table.groupby(["data", "K", "start"], sort=False)[["K_found", "ari", "nmi"]].mean()
+        print("\nmean over seeds\n" + markdown(means.reset_index(), digits=3))
     else:
         rows = []
         for name, adata in datasets.present(args.data):

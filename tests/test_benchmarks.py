@@ -415,6 +415,28 @@ def test_merges_benchmark_path_goes_past_the_threshold_with_internal_criteria(ke
     assert (choice["davies_bouldin_K"], choice["davies_bouldin_ari"]) == (best["K_before"] - 1, best["ari"])
 
 
+def test_merges_benchmark_scores_the_fixed_k_starts(keep_threads, capsys):
+    from benchmarks import data as datasets
+    from benchmarks import merges
+    from benchmarks.mixtures import _split
+    from pyrovae.priors import leiden_labels
+    from sklearn.metrics import adjusted_rand_score
+
+    table = merges.main(["--data", "simulated:150x30", "--seeds", "0", "--max-epochs", "8",
+                         "--label-key", "cluster", "--fixed-k", "2", "12"])
+    assert "mean over seeds" in capsys.readouterr().out
+    assert len(table) == 2 * 3 and set(table["start"]) == {"leiden_labels", "global", "automatic, refined"}
+    assert table.loc[table["start"] == "leiden_labels", "K_found"].tolist() == [2, 12]
+    assert table[["ari", "nmi"]].notna().all().all()
+    assert (table["K_leiden_1"] < 12).all()  # K = 12 takes the sub-clustering branch
+    # the package's start, scored on the latent the fit's mixture starts from
+    _, train, _ = _split(datasets.load("simulated:150x30"), "cluster")
+    points = merges.pretrained_latent(train, 0, 8)
+    row = table[(table["start"] == "leiden_labels") & (table["K"] == 12)].iloc[0]
+    truth = train.obs["cluster"].astype(str).to_numpy()
+    assert row["ari"] == pytest.approx(adjusted_rand_score(truth, leiden_labels(points, 12)))
+
+
 def test_threshold_interval_is_where_the_rule_finds_k():
     from benchmarks import merges
     from pyrovae.priors import merged_leiden

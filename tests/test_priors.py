@@ -15,7 +15,15 @@ from pyrovae.inference import elbo_per_cell
 from pyrovae.likelihoods import get_likelihood
 from pyrovae.module import VAEModule
 from pyrovae.nn import Architecture
-from pyrovae.priors import GaussianMixture, StandardNormal, VampPrior, kmeans_labels, leiden_labels
+from pyrovae.priors import (
+    GaussianMixture,
+    StandardNormal,
+    VampPrior,
+    _leiden,
+    kmeans_labels,
+    knn_connectivities,
+    leiden_labels,
+)
 
 ARCH = Architecture(n_latent=2, n_hidden=(8,))
 K = 3
@@ -279,11 +287,25 @@ def unequal_clusters():
     return points, np.repeat([0, 1, 2], [500, 30, 30])
 
 
-@pytest.mark.parametrize("k", [2, 3, 4, 7])
+@pytest.mark.parametrize("k", [2, 3, 4, 7, 20])
 def test_leiden_labels_gives_exactly_k_clusters(k):
     points, _ = unequal_clusters()
     labels = leiden_labels(points, k)
     assert sorted(np.unique(labels)) == list(range(k))
+
+
+@pytest.mark.parametrize("extra", [1, 2, 3, 4])
+def test_leiden_labels_above_leidens_own_count_refines_its_clusters(extra):
+    """More clusters than Leiden finds at resolution 1.0 come from sub-clustering each of
+    its clusters, so every new cluster lies inside one of them. (A higher resolution on the
+    whole graph, the rule before, broke this for 2-4 extra clusters on these points.)"""
+    points, _ = unequal_clusters()
+    reference = _leiden(knn_connectivities(points, 15), 1.0, 0)
+    k = reference.max() + 1 + extra
+    labels = leiden_labels(points, k)
+    assert labels.max() + 1 == k
+    for c in range(k):
+        assert len(np.unique(reference[labels == c])) == 1, c
 
 
 def test_leiden_follows_clusters_kmeans_cuts():
