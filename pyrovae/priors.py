@@ -839,7 +839,7 @@ def merged_leiden(
     >>> rng = np.random.default_rng(0)
     >>> points = np.concatenate([rng.normal(c, 1.0, size=(300, 5)) for c in (-10, 0, 10)])
     >>> labels, search = merged_leiden(points)
-    >>> labels.max() + 1, search["n_clusters_leiden"] > 3
+    >>> int(labels.max()) + 1, search["n_clusters_leiden"] > 3
     (3, True)
     """
     points = np.asarray(points, dtype=np.float64)
