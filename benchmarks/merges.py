@@ -207,6 +207,17 @@ def replay(name: str, adata, seed: int, label_key: str = "cell_type",
     return rows
 
 
+def merged_down(graph, clusters: np.ndarray, k: int) -> tuple[np.ndarray, list[float]]:
+    """``clusters`` with the most connected pair merged, one at a time, until ``k`` are left
+    (or no two share an edge), and the connectivity of each merge: the rule's merge step
+    without its threshold."""
+    merges = []
+    while clusters.max() + 1 > k and (pair := _most_connected(graph, clusters)) is not None:
+        merges.append(pair[2])
+        clusters = _joined(clusters, pair[0], pair[1])
+    return clusters, merges
+
+
 def threshold_interval(points: np.ndarray, k: int) -> dict:
     """The merge thresholds ``t`` for which :func:`pyrovae.priors.merged_leiden` on
     ``points`` stops at ``k`` clusters: ``(next, lowest]``, where ``lowest`` is the
@@ -216,10 +227,8 @@ def threshold_interval(points: np.ndarray, k: int) -> dict:
     threshold gives ``k``."""
     graph = knn_connectivities(points, 15)
     clusters = _leiden(graph, 1.0, 0)
-    first, merges = int(clusters.max()) + 1, []
-    while clusters.max() + 1 > k and (pair := _most_connected(graph, clusters)) is not None:
-        merges.append(pair[2])
-        clusters = _joined(clusters, pair[0], pair[1])
+    first = int(clusters.max()) + 1
+    clusters, merges = merged_down(graph, clusters, k)
     after = _most_connected(graph, clusters) if clusters.max() > 0 else None
     return {"K_leiden": first, "reached": bool(clusters.max() + 1 == k), "merges": merges,
             "next": after[2] if after else 0.0, "lowest": min(merges, default=float("inf"))}
@@ -260,9 +269,7 @@ def fixed_k_starts(name: str, adata, seed: int, ks: list[int], label_key: str = 
     rows: list[dict] = []
     report = _reporter(rows, digits=3)
     for k in ks:
-        refined = automatic
-        while refined.max() + 1 > k and (pair := _most_connected(graph, refined)) is not None:
-            refined = _joined(refined, pair[0], pair[1])
+        refined, _ = merged_down(graph, automatic, k)
         if refined.max() + 1 < k:
             refined = _bisect(lambda r: _subclustered(graph, automatic, r), k)
         starts = {"leiden_labels": leiden_labels(points, k),
