@@ -1,7 +1,6 @@
 """Priors: the enumerated mixture's ELBO, its alternatives, swapping priors on a live model."""
 
 import copy
-import doctest
 import warnings
 
 import anndata as ad
@@ -12,7 +11,6 @@ from pyro.infer import Trace_ELBO, TraceEnum_ELBO
 from sklearn.metrics import adjusted_rand_score
 
 import pyrovae
-import pyrovae.priors
 from pyrovae.inference import elbo_per_cell
 from pyrovae.likelihoods import get_likelihood
 from pyrovae.module import VAEModule
@@ -276,13 +274,6 @@ def test_more_clusters_than_cells_is_a_clear_error(init):
     with pytest.raises(ValueError, match="40 clusters .* only 30 cells"):
         pyrovae.fit(adata, prior=prior, max_epochs=4, progress=False, validation_fraction=0)
     assert "X_pyrovae" not in adata.obsm  # nothing written
-
-
-def test_docstring_examples_of_the_priors_run():
-    # pyrovae.priors is not in test_examples.MODULES (not every public prior has an
-    # Examples section), so its examples ran nowhere and one had gone stale under numpy 2
-    failed, tried = doctest.testmod(pyrovae.priors, optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE)
-    assert tried > 0 and failed == 0, f"{failed} of {tried} examples of pyrovae.priors failed"
 
 
 def unequal_clusters():
