@@ -5,6 +5,7 @@
                                 [--max-epochs N] [--path] [--converged] [--csv FILE] [--markdown]
     python benchmarks/merges.py --simulated 3 5 8 [--seeds 0 1 2] [--max-epochs N]
     python benchmarks/merges.py --fixed-k 8 10 12 16 20 [--data ...] [--seeds 0 1 2]
+    python benchmarks/merges.py --pretrain-epochs 25 30 35 40 45 50 [--data ...] [--seeds 0 1 2]
 
 For each data set and seed: the standard-normal pre-training that ``pyrovae.fit(adata,
 prior="gmm")`` runs before its mixture (the training cells of ``benchmarks/mixtures.py``'s
@@ -33,20 +34,26 @@ Calinski-Harabasz index and the Davies-Bouldin index (``sklearn.metrics``), so t
 prints, per seed and as means, the K and ARI where the rule stops and where each criterion
 is best along the path (``path_choices``). ``--converged`` clusters the latent of a standard
 VAE trained to early stopping (``pyrovae.fit(prior="normal")``, same seed and cells) instead
-of the 50-epoch pre-training.
+of the default pre-training (35 epochs, 70 % of the KL warm-up).
 
 ``--simulated K ...`` instead prints, for the simulated clusters of
 ``tests/test_clusters.py`` and each seed, the interval of merge thresholds for which the
 rule stops at the true K on the latent the mixture starts from (``threshold_interval``);
-``--max-epochs 60`` is the test's fit (30 epochs of pre-training), the default (50) what
+``--max-epochs 60`` is the test's fit (30 epochs of pre-training), the default (35) what
 ``pyrovae.fit`` runs.
 
-``--fixed-k K ...`` instead scores, on the same latent, the partitions a mixture with
+``--fixed-k K ...`` instead scores, on the latent a mixture with K given starts from (the
+whole warm-up of pre-training), the partitions a mixture with
 ``n_clusters=K`` could start from (``fixed_k_starts``): ``leiden_labels`` (the package's,
 which sub-clusters Leiden's clusters at resolution 1.0 when K is above their number), Leiden
 on the whole graph at a resolution searched for K (``global``: the package's rule before),
 and the automatic partition of ``merged_leiden`` sub-clustered or merged to K
 (``automatic, refined``).
+
+``--pretrain-epochs N ...`` instead scores, for each length N of the standard-normal
+pre-training (``pyrovae.fit(pretrain_epochs=N)``, the KL warm-up of 50 epochs going on
+through it), the partition the automatic K starts from (``pretrain_starts``): Leiden's K at
+1.0, the rule's K, the connectivities merged, and the partition's ARI / NMI.
 
 Results in ``../docs/mixtures.md``. 1 thread: pbmc68k about 10 s a seed, bladder about 1.5 min.
 """
@@ -98,11 +105,13 @@ class _Capture(GaussianMixture):
         raise _Started(latent.detach().cpu().numpy().astype(np.float64))
 
 
-def pretrained_latent(train, seed: int, max_epochs: int | None = None) -> np.ndarray:
-    """The latent means of ``train`` where ``pyrovae.fit(prior="gmm")`` starts its mixture."""
+def pretrained_latent(train, seed: int, max_epochs: int | None = None,
+                      pretrain_epochs: int | None = None, n_clusters: int | None = None) -> np.ndarray:
+    """The latent means of ``train`` where ``pyrovae.fit(prior="gmm")`` starts its mixture
+    (``n_clusters``: of a mixture with K given, whose default pre-training is longer)."""
     try:
-        pyrovae.fit(train.copy(), "zinb", prior=_Capture(), seed=seed, max_epochs=max_epochs,
-                    progress=False)
+        pyrovae.fit(train.copy(), "zinb", prior=_Capture(n_clusters), seed=seed,
+                    max_epochs=max_epochs, pretrain_epochs=pretrain_epochs, progress=False)
     except _Started as started:
         return started.args[0]
     raise RuntimeError("the fit never started its mixture")
@@ -262,7 +271,7 @@ def fixed_k_starts(name: str, adata, seed: int, ks: list[int], label_key: str = 
 
     _, train, _ = _split(adata, label_key)
     labels = train.obs[label_key].astype(str).to_numpy()
-    points = pretrained_latent(train, seed, max_epochs)
+    points = pretrained_latent(train, seed, max_epochs, n_clusters=max(ks))  # K given
     graph = knn_connectivities(points, 15)
     reference = int(_leiden(graph, 1.0, 0).max()) + 1
     automatic = merged_leiden(points)[0]
@@ -280,6 +289,26 @@ def fixed_k_starts(name: str, adata, seed: int, ks: list[int], label_key: str = 
                     "K_automatic": int(automatic.max()) + 1, "start": method,
                     "K_found": int(found.max()) + 1, "ari": adjusted_rand_score(labels, found),
                     "nmi": normalized_mutual_info_score(labels, found)})
+    return rows
+
+
+def pretrain_starts(name: str, adata, seed: int, lengths: list[int],
+                    label_key: str = "cell_type") -> list[dict]:
+    """The automatic K's start partition (:func:`merged_leiden`) after each length of
+    pre-training, scored against the labels."""
+    from sklearn.metrics import normalized_mutual_info_score
+
+    _, train, _ = _split(adata, label_key)
+    labels = train.obs[label_key].astype(str).to_numpy()
+    rows: list[dict] = []
+    report = _reporter(rows, digits=3)
+    for epochs in lengths:
+        found, search = merged_leiden(pretrained_latent(train, seed, pretrain_epochs=epochs))
+        report({"data": name, "seed": seed, "pretrain_epochs": epochs,
+                "K_leiden": search["n_clusters_leiden"], "K": int(found.max()) + 1,
+                "ari": adjusted_rand_score(labels, found),
+                "nmi": normalized_mutual_info_score(labels, found),
+                "merges": " ".join(f"{c:.2f}" for c in search["merges"])})
     return rows
 
 
@@ -313,7 +342,7 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--label-key", default="cell_type", help="obs column of the known labels")
     parser.add_argument("--max-epochs", type=int, default=None,
-                        help="the fit's max_epochs, of which the pre-training is min(50, half)")
+                        help="the fit's max_epochs, of which the pre-training is min(35, half)")
     parser.add_argument("--path", action="store_true",
                         help="merge past the threshold down to 2 clusters, with internal criteria")
     parser.add_argument("--converged", action="store_true",
@@ -322,6 +351,8 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
                         help="instead: the thresholds that find K on the test's simulated clusters")
     parser.add_argument("--fixed-k", type=int, nargs="+", default=None, metavar="K",
                         help="instead: the start partitions of a mixture with n_clusters=K")
+    parser.add_argument("--pretrain-epochs", type=int, nargs="+", default=None, metavar="N",
+                        help="instead: the automatic K's start after N epochs of pre-training")
     parser.add_argument("--csv", default=None, help="also write the rows here")
     parser.add_argument("--markdown", action="store_true", help="print the rows as a GitHub table")
     args = parser.parse_args(argv)
@@ -334,6 +365,15 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
                               for row in fixed_k_starts(name, adata, seed, args.fixed_k,
                                                         args.label_key, args.max_epochs)])
         means = table.groupby(["data", "K", "start"], sort=False)[["K_found", "ari", "nmi"]].mean()
+        print("\nmean over seeds\n" + markdown(means.reset_index(), digits=3))
+    elif args.pretrain_epochs:
+        table = pd.DataFrame([row for name, adata in datasets.present(args.data)
+                              for seed in args.seeds
+                              for row in pretrain_starts(name, adata, seed, args.pretrain_epochs,
+                                                         args.label_key)])
+        means = table.groupby(["data", "pretrain_epochs"], sort=False).agg(
+            K=("K", "mean"), K_min=("K", "min"), K_max=("K", "max"), ari=("ari", "mean"),
+            ari_min=("ari", "min"), nmi=("nmi", "mean"), seeds=("seed", "nunique"))
         print("\nmean over seeds\n" + markdown(means.reset_index(), digits=3))
     else:
         rows = []

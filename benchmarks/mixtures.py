@@ -6,6 +6,7 @@ and (``--auto``) the mixture with K chosen from the data against the scanpy work
                                   [--modes enumerate ...] [--iwae N]
     python benchmarks/mixtures.py --auto [--modes enumerate gumbel marginal] [--seeds 0 1 2]
                                   [--scvi PYTHON] [--gmm KEY=VALUE ...]
+                                  [--pretrain-epochs N ...]
 
 ``--auto``: on the same held-out split, a standard-normal ZINB VAE (``pyrovae.fit``
 defaults), then scanpy's workflow on its latent means of all cells
@@ -23,7 +24,10 @@ Leiden on its latent means (rows ``scvi + Leiden r``; its seconds per epoch are 
 training time over its epochs); skipped with a message when not given or failing.
 ``--gmm KEY=VALUE`` passes options to every mixture's ``GaussianMixture`` (e.g.
 ``free_nats_y=1.0``, ``scale_floor=0.2``, ``merge_threshold=0.5``; values read as Python
-literals), and the contender's name lists them.
+literals), and the contender's name lists them. ``--pretrain-epochs N ...`` trains each
+mixture once per N with ``pyrovae.fit(pretrain_epochs=N)`` (the standard-normal epochs
+before the mixture starts; default: ``fit``'s, 35, 70 % of the KL warm-up), named
+``pretrain=N``.
 
 For each data set (``benchmarks/data.py``): 10 % of the cells are held out (permutation by
 ``numpy.random.default_rng(0)``); on the rest, for each K of ``--n-clusters`` (default: the
@@ -58,6 +62,7 @@ reported relative to the squared norm of the mean gradient.
 from __future__ import annotations
 
 import argparse
+import itertools
 import ast
 import sys
 import tempfile
@@ -204,7 +209,7 @@ def scvi_latent(python: str, adata, train_names, seed: int, threads: int):
 def run_auto(name: str, adata, seed: int, modes: list[str], max_epochs: int | None = None,
              label_key: str = "cell_type", rules: list[str] | None = None,
              scvi: str | None = None, options: dict | None = None,
-             threads: int = 1) -> list[dict]:
+             threads: int = 1, pretrain: list[int] | None = None) -> list[dict]:
     """The scanpy workflow (standard VAE + Leiden; scvi-tools SCVI + Leiden with ``scvi``)
     against the automatic-K mixture (``GaussianMixture(**options)``)."""
     import scanpy as sc
@@ -243,24 +248,24 @@ def run_auto(name: str, adata, seed: int, modes: list[str], max_epochs: int | No
             leiden(latent, "scvi", held_out_elbo=info["held_out_elbo"],
                    s_per_epoch=info["s_per_epoch"], ratio_s_per_epoch=info["s_per_epoch"] / normal_s,
                    epochs=info["epochs"])
-    for rule in rules or K_RULES[:1]:
-        for mode in modes:
-            fitted = train.copy()
-            prior = GaussianMixture(mode=mode, **{"k_rule": rule, **options})
-            model = pyrovae.fit(fitted, "zinb", prior=prior, seed=seed, max_epochs=max_epochs,
-                                progress=False)
-            stage = model.history.iloc[int(fitted.uns["pyrovae"]["settings"]["pretrain_epochs"]):]
-            seconds = float(stage["seconds"].median())
-            found = fitted.uns["pyrovae"]["clusters"]
-            pruned = found.get("pruned_weights", [])
-            report({"data": name, "seed": seed, "contender": f"gmm auto-K {rule} {mode}{suffix}",
-                    **scores(model.get_clusters(adata)),
-                    "held_out_elbo": float(model.elbo(test, n_samples=20)["elbo"].mean()),
-                    "s_per_epoch": seconds, "ratio_s_per_epoch": seconds / normal_s,
-                    "resolution": found.get("resolution", np.nan),
-                    "K_start": found["n_clusters"] + len(pruned),
-                    "K_leiden": found.get("n_clusters_leiden", np.nan), "n_pruned": len(pruned),
-                    "epochs": int(model.history["epoch"].iloc[-1])})
+    for rule, mode, epochs in itertools.product(rules or K_RULES[:1], modes, pretrain or [None]):
+        fitted = train.copy()
+        prior = GaussianMixture(mode=mode, **{"k_rule": rule, **options})
+        model = pyrovae.fit(fitted, "zinb", prior=prior, seed=seed, max_epochs=max_epochs,
+                            pretrain_epochs=epochs, progress=False)
+        stage = model.history.iloc[int(fitted.uns["pyrovae"]["settings"]["pretrain_epochs"]):]
+        seconds = float(stage["seconds"].median())
+        found = fitted.uns["pyrovae"]["clusters"]
+        pruned = found.get("pruned_weights", [])
+        contender = f"gmm auto-K {rule} {mode}{suffix}" + ("" if epochs is None else f" pretrain={epochs}")
+        report({"data": name, "seed": seed, "contender": contender,
+                **scores(model.get_clusters(adata)),
+                "held_out_elbo": float(model.elbo(test, n_samples=20)["elbo"].mean()),
+                "s_per_epoch": seconds, "ratio_s_per_epoch": seconds / normal_s,
+                "resolution": found.get("resolution", np.nan),
+                "K_start": found["n_clusters"] + len(pruned),
+                "K_leiden": found.get("n_clusters_leiden", np.nan), "n_pruned": len(pruned),
+                "epochs": int(model.history["epoch"].iloc[-1])})
     return rows
 
 
@@ -320,7 +325,12 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
     parser.add_argument("--gmm", nargs="+", default=None, metavar="KEY=VALUE",
                         help="GaussianMixture options of --auto's mixtures, e.g. free_nats_y=1.0 "
                              "scale_floor=0.2 (values read as Python literals)")
+    parser.add_argument("--pretrain-epochs", type=int, nargs="+", default=None, metavar="N",
+                        help="--auto: train each mixture once per N with "
+                             "pyrovae.fit(pretrain_epochs=N) (default: fit's)")
     args = parser.parse_args(argv)
+    if args.pretrain_epochs and not args.auto:
+        parser.error("--pretrain-epochs is for --auto")
     if args.iwae and args.auto:
         parser.error("--iwae scores the fixed-K sweep; --auto does not use it")
     options = gmm_options(args.gmm)
@@ -334,7 +344,8 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
             for seed in args.seeds:
                 if auto:
                     rows += run_auto(name, adata, seed, args.modes, args.max_epochs, args.label_key,
-                                     args.rules, args.scvi, options, args.threads)
+                                     args.rules, args.scvi, options, args.threads,
+                                     args.pretrain_epochs)
                 else:
                     rows += run(name, adata, seed, args.n_clusters, args.init, args.max_epochs,
                                 args.label_key, options, args.modes, args.iwae)

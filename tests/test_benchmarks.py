@@ -306,6 +306,39 @@ def test_mixtures_benchmark_passes_gmm_options_and_skips_a_missing_scvi(tmp_path
     assert table[["K", "ari", "nmi", "held_out_elbo"]].notna().all().all()
 
 
+def test_mixtures_benchmark_trains_each_pre_training_length(keep_threads, capsys):
+    from benchmarks import mixtures
+
+    table = mixtures.main(["--auto", "--data", "simulated:150x30", "--modes", "enumerate",
+                           "--max-epochs", "6", "--label-key", "cluster", "--threads", "1",
+                           "--pretrain-epochs", "1", "3"])
+    mixture = table[table["contender"].str.startswith("gmm")]
+    assert list(mixture["contender"]) == ["gmm auto-K merged_leiden enumerate pretrain=1",
+                                          "gmm auto-K merged_leiden enumerate pretrain=3"]
+    assert mixture["epochs"].tolist() == [6, 6] and mixture["ari"].notna().all()
+    with pytest.raises(SystemExit):
+        mixtures.main(["--pretrain-epochs", "3"])  # only with --auto
+
+
+def test_merges_benchmark_scores_the_start_after_each_pre_training_length(keep_threads, capsys):
+    from benchmarks import data as datasets
+    from benchmarks import merges
+    from benchmarks.mixtures import _split
+    from pyrovae.priors import merged_leiden
+    from sklearn.metrics import adjusted_rand_score
+
+    table = merges.main(["--data", "simulated:150x30", "--seeds", "0", "--label-key", "cluster",
+                         "--pretrain-epochs", "2", "5"])
+    assert "mean over seeds" in capsys.readouterr().out
+    assert table["pretrain_epochs"].tolist() == [2, 5] and (table["K"] <= table["K_leiden"]).all()
+    # the start the fit's mixture would take after 5 epochs, scored against the labels
+    _, train, _ = _split(datasets.load("simulated:150x30"), "cluster")
+    found, search = merged_leiden(merges.pretrained_latent(train, 0, pretrain_epochs=5))
+    row = table.iloc[1]
+    assert row["K"] == found.max() + 1 and row["K_leiden"] == search["n_clusters_leiden"]
+    assert row["ari"] == pytest.approx(adjusted_rand_score(train.obs["cluster"].astype(str), found))
+
+
 def test_query_benchmark_runs_with_a_tiny_budget(keep_threads, tmp_path, capsys):
     from benchmarks import query
 
@@ -431,7 +464,7 @@ def test_merges_benchmark_scores_the_fixed_k_starts(keep_threads, capsys):
     assert (table["K_leiden_1"] < 12).all()  # K = 12 takes the sub-clustering branch
     # the package's start, scored on the latent the fit's mixture starts from
     _, train, _ = _split(datasets.load("simulated:150x30"), "cluster")
-    points = merges.pretrained_latent(train, 0, 8)
+    points = merges.pretrained_latent(train, 0, 8, n_clusters=12)
     row = table[(table["start"] == "leiden_labels") & (table["K"] == 12)].iloc[0]
     truth = train.obs["cluster"].astype(str).to_numpy()
     assert row["ari"] == pytest.approx(adjusted_rand_score(truth, leiden_labels(points, 12)))

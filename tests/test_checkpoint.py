@@ -76,7 +76,8 @@ def test_a_run_killed_by_sigkill_resumes_bit_identically(sim, tmp_path):
 
 @pytest.mark.parametrize("copy", [1, 2, 3], ids=["in-pre-training", "end-of-pre-training", "in-mixture"])
 def test_a_staged_mixture_fit_resumes_from_any_checkpoint(sim, tmp_path, monkeypatch, copy):
-    options = dict(likelihood="nb", max_epochs=7, kl_warmup_epochs=2, pretrain_epochs=3,
+    # the warm-up (6 epochs) goes on into the mixture stage: copy 3 is in its middle
+    options = dict(likelihood="nb", max_epochs=7, kl_warmup_epochs=6, pretrain_epochs=3,
                    progress=False, seed=2, checkpoint_every=2)
     copies = keep_copies(monkeypatch, tmp_path)
     whole = pyrovae.fit(sim.copy(), prior=GaussianMixture(3, init="kmeans"),
@@ -87,6 +88,7 @@ def test_a_staged_mixture_fit_resumes_from_any_checkpoint(sim, tmp_path, monkeyp
     adata = sim.copy()
     resumed = pyrovae.resume(copies[copy - 1], adata)
     assert resumed.prior.name == "gmm" and list(resumed.history["prior"]) == ["normal"] * 3 + ["gmm"] * 4
+    np.testing.assert_allclose(resumed.history["kl_weight"], [1 / 6, 2 / 6, 3 / 6, 4 / 6, 5 / 6, 1, 1])
     assert_same_run(resumed, whole, sim)
     np.testing.assert_array_equal(adata.obs["pyrovae_cluster"], whole.get_clusters(sim).astype(str))
 

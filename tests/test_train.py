@@ -185,6 +185,24 @@ def test_continued_training_continues_the_warm_up(sim):
     np.testing.assert_allclose(model.history["kl_weight"].iloc[-2:], [0.1, 0.2])
 
 
+def test_a_mixture_that_finds_k_pre_trains_for_most_of_the_warm_up_and_finishes_it(sim):
+    adata = sim.copy()
+    model = pyrovae.fit(adata, "nb", prior=GaussianMixture(), max_epochs=16, kl_warmup_epochs=10,
+                        progress=False)
+    assert adata.uns["pyrovae"]["settings"]["pretrain_epochs"] == 7  # PRETRAIN_SHARE of 10
+    assert list(model.history["prior"]) == ["normal"] * 7 + ["gmm"] * 9
+    np.testing.assert_allclose(model.history["kl_weight"], [i / 10 for i in range(1, 11)] + [1.0] * 6)
+    # a given K starts after the whole warm-up; either way at most half of the epochs
+    given = pyrovae.fit(sim.copy(), "nb", prior=GaussianMixture(3, init="kmeans"), max_epochs=16,
+                        kl_warmup_epochs=6, progress=False)
+    assert list(given.history["prior"]) == ["normal"] * 6 + ["gmm"] * 10
+    with pytest.warns(UnfinishedWarmupWarning, match="KL weight at 0.80"):  # the mixture's stage
+        short = pyrovae.fit(sim.copy(), "nb", prior=GaussianMixture(3, init="kmeans"), max_epochs=8,
+                            kl_warmup_epochs=10, progress=False)
+    assert list(short.history["prior"]) == ["normal"] * 4 + ["gmm"] * 4
+    np.testing.assert_allclose(short.history["kl_weight"], [i / 10 for i in range(1, 9)])
+
+
 def test_a_trained_model_goes_on_with_data_where_some_genes_are_empty(sim):
     from pyrovae.data import InvalidDataError
 
