@@ -342,7 +342,8 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--label-key", default="cell_type", help="obs column of the known labels")
     parser.add_argument("--max-epochs", type=int, default=None,
-                        help="the fit's max_epochs, of which the pre-training is min(35, half)")
+                        help="the fit's max_epochs, of which the pre-training is min(35, half) "
+                             "(--fixed-k: min(50, half), as for a given K)")
     parser.add_argument("--path", action="store_true",
                         help="merge past the threshold down to 2 clusters, with internal criteria")
     parser.add_argument("--converged", action="store_true",

@@ -253,8 +253,8 @@ def run_auto(name: str, adata, seed: int, modes: list[str], max_epochs: int | No
         prior = GaussianMixture(mode=mode, **{"k_rule": rule, **options})
         model = pyrovae.fit(fitted, "zinb", prior=prior, seed=seed, max_epochs=max_epochs,
                             pretrain_epochs=epochs, progress=False)
-        stage = model.history.iloc[int(fitted.uns["pyrovae"]["settings"]["pretrain_epochs"]):]
-        seconds = float(stage["seconds"].median())
+        pretrained = int(fitted.uns["pyrovae"]["settings"]["pretrain_epochs"])
+        seconds = float(model.history.iloc[pretrained:]["seconds"].median())
         found = fitted.uns["pyrovae"]["clusters"]
         pruned = found.get("pruned_weights", [])
         contender = f"gmm auto-K {rule} {mode}{suffix}" + ("" if epochs is None else f" pretrain={epochs}")
@@ -265,7 +265,7 @@ def run_auto(name: str, adata, seed: int, modes: list[str], max_epochs: int | No
                 "resolution": found.get("resolution", np.nan),
                 "K_start": found["n_clusters"] + len(pruned),
                 "K_leiden": found.get("n_clusters_leiden", np.nan), "n_pruned": len(pruned),
-                "epochs": int(model.history["epoch"].iloc[-1])})
+                "epochs": int(model.history["epoch"].iloc[-1]), "pretrain_epochs": pretrained})
     return rows
 
 

@@ -315,6 +315,7 @@ def test_mixtures_benchmark_trains_each_pre_training_length(keep_threads, capsys
     mixture = table[table["contender"].str.startswith("gmm")]
     assert list(mixture["contender"]) == ["gmm auto-K merged_leiden enumerate pretrain=1",
                                           "gmm auto-K merged_leiden enumerate pretrain=3"]
+    assert mixture["pretrain_epochs"].tolist() == [1, 3]  # what each fit pre-trained
     assert mixture["epochs"].tolist() == [6, 6] and mixture["ari"].notna().all()
     with pytest.raises(SystemExit):
         mixtures.main(["--pretrain-epochs", "3"])  # only with --auto
